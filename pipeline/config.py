@@ -1,0 +1,155 @@
+"""Typed run configuration: defaults here, a YAML file over them, `section.key=value` overrides last."""
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    blocks: int = 2
+    heads: int = 4
+    num_experts: int = 4
+    top_k: int = 2
+    bottleneck: int = 32
+    dropout: float = 0.1
+    freeze_per_task: int = 1  # most influential experts frozen after each task
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    kd: float = 1.0
+    rel: float = 1.0
+    align: float = 0.1
+    bal: float = 0.01
+    kd_temperature: float = 2.0
+    align_temperature: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks still get a CPU on 2 cores
+    zero_stage: int = 2
+    use_gpu: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # default: sqlite store under <output_dir>/mlruns
+    experiment: str | None = None  # default: the benchmark name
+
+
+@dataclass
+class RunConfig:
+    benchmark: str = "mfeat"
+    data: str | None = None  # a Parquet file or folder in the project's schema, instead of a benchmark
+    scenario: str = "class-il"
+    num_tasks: int = 5
+    method: str = "cmoe"
+    seed: int = 0
+    ray_address: str | None = None
+    output_dir: str = "runs"  # run state, data builds and, by default, the MLflow store
+    storage_path: str | None = None  # Ray Train checkpoints; on a cluster a shared path or s3:// URI
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """`section.key` -> value, as MLflow params."""
+        out = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not where they are written or tracked)."""
+        d = self.to_dict()
+        for k in ("ray_address", "output_dir", "storage_path", "tracking"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(known)})")
+        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{key}' must be a mapping")
+            value = _build(type(default), value, f"{where}.{key}")
+        elif known[key].type in (int, float) and not isinstance(value, bool):
+            try:  # YAML reads 1e-3 as a string
+                value = known[key].type(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: '{key}' must be a number, not {value!r}") from None
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_override(text: str):
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    cfg = _build(RunConfig, values, str(path) if path else "config")
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: RunConfig) -> None:
+    if cfg.scenario not in ("class-il", "domain-il"):
+        raise ConfigError(f"scenario must be class-il or domain-il, not '{cfg.scenario}'")
+    if cfg.num_tasks < 1:
+        raise ConfigError("num_tasks must be at least 1")
+    if cfg.train.epochs < 1:
+        raise ConfigError("train.epochs must be at least 1")
+    if cfg.train.num_workers < 1:
+        raise ConfigError("train.num_workers must be at least 1")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("train.zero_stage must be 0, 1, 2 or 3")
+    if not 1 <= cfg.model.top_k <= cfg.model.num_experts:
+        raise ConfigError("model.top_k must be between 1 and model.num_experts")

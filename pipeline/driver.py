@@ -1,0 +1,216 @@
+"""Walks a task sequence: one Ray Train fit per task, evaluation, MLflow, resume after a crash."""
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from ray.train import UserCallback
+
+from pipeline.benchmarks import benchmark_path
+from pipeline.config import RunConfig
+from pipeline.data import load_data
+from pipeline.evaluate import predict, summarize
+from pipeline.scenario import make_scenario
+from pipeline.tracking import Tracker
+from pipeline.worker import load_model, train_func_per_worker
+
+STATE_FILE = "state.json"
+
+
+class SequenceState:
+    """What has finished, written atomically after each task so a crash resumes at the next one."""
+
+    def __init__(self, folder: Path, data: dict):
+        self.folder, self.data = folder, data
+
+    @classmethod
+    def open(cls, folder: Path, fingerprint: str) -> "SequenceState":
+        path = folder / STATE_FILE
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("fingerprint") == fingerprint and not data.get("complete"):
+                return cls(folder, data)
+            shutil.rmtree(folder)  # a finished or different sequence: start afresh
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder, {"fingerprint": fingerprint, "complete": False, "mlflow_run_id": None, "tasks": []})
+
+    @property
+    def tasks(self) -> list[dict]:
+        return self.data["tasks"]
+
+    def save(self) -> None:
+        tmp = self.folder / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.folder / STATE_FILE)
+
+
+def init_ray(cfg: RunConfig, verbose: bool) -> None:
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore" if not verbose else "default"}
+    if not cfg.train.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    ray.init(address=cfg.ray_address, runtime_env={"env_vars": env},
+             logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,
+             configure_logging=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+
+
+def _quiet(verbose: bool) -> None:
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")
+    for name in ("ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+class ProgressCallback(UserCallback):
+    """Forwards rank 0's per-epoch report from the Ray Train controller to the driver's queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put({k: v for k, v in metrics[0].items() if k != "history"})
+
+
+def _epoch_line(m: dict) -> str:
+    terms = " ".join(f"{k} {m[k]:.3f}" for k in ("ce", "kd", "rel", "align", "bal") if k in m)
+    return (f"  task {m['task'] + 1}/{m['num_tasks']} epoch {m['epoch']}/{m['epochs']} "
+            f"loss {m['loss']:.4f} ({terms}) {m['seconds']:.0f}s")
+
+
+def fit_with_progress(trainer_factory, log):
+    """Runs `trainer.fit()` in a thread and prints each epoch's line as it arrives."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(lambda: trainer_factory(ProgressCallback(queue)).fit())
+            while True:
+                try:
+                    log(_epoch_line(queue.get(timeout=0.5)))
+                except Empty:
+                    if future.done():
+                        break
+            return future.result()
+    finally:
+        queue.shutdown()
+
+
+def fit_task(cfg: RunConfig, spec: dict, task, scenario, data_path: str, init_checkpoint, class_index,
+             run_dir: Path, verbose: bool, log):
+    import ray.data
+    import ray.train
+    from ray.data.expressions import col
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    rows = (col("split") == "train") & (
+        col("domain").is_in(task.domains) if scenario.kind == "domain-il" else col("label").is_in(task.classes))
+    train = ray.data.read_parquet(data_path).filter(expr=rows).materialize()  # read once, not once per epoch
+
+    trainer_factory = lambda callback: TorchTrainer(  # noqa: E731
+        train_func_per_worker,
+        train_loop_config={
+            "task_index": task.index, "num_tasks": len(scenario.tasks), "seed": cfg.seed, "verbose": verbose,
+            "spec": spec, "train": vars(cfg.train), "loss": vars(cfg.loss), "init_checkpoint": init_checkpoint,
+            "head_size": scenario.head_size_after(task.index), "class_index": class_index.tolist(),
+            "freeze_per_task": cfg.model.freeze_per_task,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker=None if cfg.train.use_gpu else {"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"task-{task.index}", storage_path=cfg.storage_path or str((run_dir / "ray").resolve()),
+            callbacks=[callback], logging_config=ray.train.LoggingConfig("INFO" if verbose else "ERROR")),
+        datasets={"train": train},
+    )
+    return fit_with_progress(trainer_factory, log)
+
+
+def run_sequence(cfg: RunConfig, verbose: bool = False, log=print) -> dict:
+    """Runs (or resumes) the whole sequence and returns the output-contract dict."""
+    _quiet(verbose)
+    started = time.time()
+    data_path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
+    data = load_data(data_path)
+    labels, domains, split = data.column("label"), data.column("domain").astype(str), data.column("split")
+    scenario = make_scenario(cfg.scenario, labels, domains, cfg.num_tasks, cfg.seed)
+    class_index = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+    class_index[scenario.class_order] = np.arange(len(scenario.class_order))
+    name = f"{Path(data_path).stem}-{cfg.scenario}-{cfg.method}-seed{cfg.seed}"
+    run_dir = Path(cfg.output_dir) / f"{name}-{cfg.fingerprint()}"
+    state = SequenceState.open(run_dir, cfg.fingerprint())
+    spec = {"modalities": data.modalities, "model": {k: v for k, v in vars(cfg.model).items()
+                                                     if k != "freeze_per_task"}}
+    test_cols = {c: data.column(c) for c in ["label", *data.modalities]}
+    test_rows = [np.flatnonzero((split == "test") & scenario.task_mask(t, labels, domains)) for t in scenario.tasks]
+
+    tracker = Tracker(cfg)
+    resumed = bool(state.tasks)
+    seconds_before = state.data.get("seconds", 0.0)
+    state.data["mlflow_run_id"] = tracker.start_sequence(cfg, name, state.data["mlflow_run_id"])
+    state.save()
+    if resumed:
+        log(f"Resuming {run_dir}: tasks 0-{len(state.tasks) - 1} already finished")
+    import ray.train
+
+    try:
+        init_ray(cfg, verbose)
+        for task in scenario.tasks[len(state.tasks):]:
+            log(f"Task {task.index + 1}/{len(scenario.tasks)}: "
+                + (f"classes {task.classes}" if scenario.kind == "class-il" else f"domains {task.domains}"))
+            prev = state.tasks[-1]["checkpoint"] if state.tasks else None
+            init = ray.train.Checkpoint(prev) if prev else None
+            result = fit_task(cfg, spec, task, scenario, data_path, init, class_index, run_dir, verbose, log)
+            local = run_dir / f"task-{task.index}"
+            result.checkpoint.to_directory(str(local))
+            model, _ = load_model(local)
+            row = [None] * len(scenario.tasks)
+            for j in range(task.index + 1):
+                rows = test_rows[j]
+                pred = predict(model, {k: v[rows] for k, v in test_cols.items()}, data.modalities)
+                row[j] = float((pred == class_index[labels[rows]]).mean())
+            history = _history(result)
+            matrix = [t["row"] for t in state.tasks] + [row]
+            state.tasks.append({"index": task.index, "classes": task.classes, "domains": task.domains,
+                                "checkpoint": result.checkpoint.path, "local": str(local), "row": row,
+                                "history": history, "summary": summarize(matrix), "logged": False})
+            state.data["seconds"] = seconds_before + time.time() - started
+            state.save()
+            log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in row if a is not None)}")
+            for t in state.tasks:
+                if not t["logged"]:
+                    tracker.log_task(state.data["mlflow_run_id"], t, len(scenario.tasks), t["local"])
+                    t["logged"] = True
+            state.save()
+    except BaseException:
+        tracker.fail_sequence(state.data["mlflow_run_id"])
+        raise
+    matrix = [t["row"] for t in state.tasks]
+    seconds = seconds_before + time.time() - started
+    result = {"benchmark": cfg.benchmark if not cfg.data else str(cfg.data), "scenario": cfg.scenario,
+              "method": cfg.method, "seed": cfg.seed, "num_tasks": len(scenario.tasks), "acc_matrix": matrix,
+              **summarize(matrix), "seconds": seconds, "mlflow_run_id": state.data["mlflow_run_id"]}
+    tracker.finish_sequence(state.data["mlflow_run_id"], result)
+    state.data["complete"] = True
+    state.save()
+    return result
+
+
+def _history(result) -> list[dict]:
+    """Per-epoch metrics, carried whole by the task's last report."""
+    return result.metrics["history"]

@@ -1,0 +1,52 @@
+"""Task sequences: class-incremental (a seeded class order in chunks) or domain-incremental."""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Task:
+    index: int
+    classes: list  # labels whose rows belong to this task (class-IL) or every label (domain-IL)
+    domains: list | None  # domains of this task (domain-IL), None for class-IL
+
+
+@dataclass
+class Scenario:
+    kind: str
+    class_order: list  # head index -> label; class-IL grows along it, domain-IL has it all from task 0
+    tasks: list[Task]
+
+    def head_size_after(self, task_index: int) -> int:
+        if self.kind == "domain-il":
+            return len(self.class_order)
+        return sum(len(t.classes) for t in self.tasks[: task_index + 1])
+
+    def task_mask(self, task: Task, labels: np.ndarray, domains: np.ndarray) -> np.ndarray:
+        if self.kind == "domain-il":
+            return np.isin(domains, task.domains)
+        return np.isin(labels, task.classes)
+
+    def targets(self, labels: np.ndarray) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(self.class_order)}
+        return np.array([lookup[v] for v in labels], dtype=np.int64)
+
+
+def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, num_tasks: int, seed: int) -> Scenario:
+    rng = np.random.default_rng(seed)
+    classes = sorted(np.unique(labels).tolist())
+    if kind == "class-il":
+        if num_tasks > len(classes):
+            raise ValueError(f"class-il: {num_tasks} tasks but only {len(classes)} classes")
+        order = [classes[i] for i in rng.permutation(len(classes))]
+        chunks = np.array_split(np.arange(len(order)), num_tasks)
+        tasks = [Task(i, [order[j] for j in c], None) for i, c in enumerate(chunks)]
+        return Scenario(kind, order, tasks)
+    if kind == "domain-il":
+        doms = sorted(np.unique(domains).tolist())
+        if num_tasks > len(doms):
+            raise ValueError(f"domain-il: {num_tasks} tasks but only {len(doms)} domains ({doms})")
+        order = [doms[i] for i in rng.permutation(len(doms))]
+        chunks = np.array_split(np.arange(len(order)), num_tasks)
+        return Scenario(kind, classes, [Task(i, classes, [order[j] for j in c]) for i, c in enumerate(chunks)])
+    raise ValueError(f"unknown scenario '{kind}' (class-il or domain-il)")

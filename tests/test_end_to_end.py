@@ -1,0 +1,100 @@
+"""The whole pipeline for real: local Ray, DeepSpeed engines in 2 workers, an MLflow SQLite store."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+SHORT = ["--tasks", "2", "train.epochs=3"]
+
+
+def mlflow_runs(out_dir: Path):
+    client = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mfeat")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_sequence_end_to_end(ray_local, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["run", "--out", str(out), *SHORT, f"output_dir={tmp_path}"]) == 0
+    printed = capsys.readouterr().out
+    assert "Task 2/2" in printed and "epoch 3/3" in printed and "average accuracy" in printed
+
+    result = json.loads(out.read_text())
+    assert set(result) >= {"benchmark", "scenario", "method", "seed", "num_tasks", "acc_matrix", "avg_acc",
+                           "avg_inc_acc", "forgetting", "seconds", "mlflow_run_id"}
+    matrix = result["acc_matrix"]
+    assert result["num_tasks"] == 2 and len(matrix) == 2 and matrix[0][1] is None
+    assert matrix[0][0] >= 0.9 and matrix[1][1] >= 0.9  # each task is learned
+    assert result["avg_acc"] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
+    assert result["forgetting"] == pytest.approx(matrix[0][0] - matrix[1][0])
+
+    client, runs = mlflow_runs(tmp_path)
+    parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.num_workers"] == "2" and parent.data.params["train.zero_stage"] == "2"
+    assert parent.data.metrics["avg_acc"] == pytest.approx(result["avg_acc"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["mmcl.task_index"] for r in children) == ["0", "1"]
+    last = next(r for r in children if r.data.tags["mmcl.task_index"] == "1")
+    assert last.data.metrics["acc_task_0"] == pytest.approx(matrix[1][0])
+    assert [m.step for m in client.get_metric_history(last.info.run_id, "loss")] == [1, 2, 3]
+    artifact = client.download_artifacts(parent.info.run_id, "acc_matrix.json", str(tmp_path))
+    assert json.loads(Path(artifact).read_text())["acc_matrix"] == matrix
+    assert "checkpoint" in {a.path for a in client.list_artifacts(last.info.run_id)}
+
+
+def test_a_killed_sequence_resumes_at_the_last_finished_task(ray_local, tmp_path, capsys):
+    args = ["--tasks", "3", "train.epochs=2", f"output_dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        deadline = time.time() + 400
+        state_file = None
+        while time.time() < deadline and proc.poll() is None:
+            found = list(tmp_path.glob("*/state.json"))
+            if found and len(json.loads(found[0].read_text())["tasks"]) >= 1:
+                state_file = found[0]
+                break
+            time.sleep(1)
+        assert state_file is not None, "the first task never finished"
+    finally:
+        _kill_tree(proc)
+    before = json.loads(state_file.read_text())
+    assert len(before["tasks"]) < 3, "the run finished before it could be killed"
+
+    out = tmp_path / "r.json"
+    assert main(["run", "--out", str(out), *args]) == 0
+    assert "Resuming" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert len(result["acc_matrix"]) == 3
+    assert result["acc_matrix"][0] == before["tasks"][0]["row"]  # task 0 was not trained again
+    assert result["mlflow_run_id"] == before["mlflow_run_id"]
+
+    _, runs = mlflow_runs(tmp_path)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"]]
+    assert sorted(r.data.tags["mmcl.task_index"] for r in children) == ["0", "1", "2"]  # each logged once
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and every process it started (its local Ray included), by PID."""
+    try:
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = [proc.pid]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)

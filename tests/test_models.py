@@ -1,0 +1,121 @@
+"""Fast unit tests of the plain-PyTorch layer: losses, router, masking, expert freezing, head."""
+import pytest
+import torch
+
+from models import losses
+from models.adapter import MMEncoder, MoEAdapter
+from models.cmoe import CMoE, LossWeights
+from models.heads import CosineClassifier
+
+DIMS = {"a": 5, "b": 3}
+
+
+def batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = {m: torch.randn(n, d, generator=g) for m, d in DIMS.items()}
+    return feats, torch.ones(n, len(DIMS), dtype=torch.bool), torch.arange(n) % 3
+
+
+def test_relation_loss_is_zero_when_representations_agree_and_positive_otherwise():
+    x = torch.randn(6, 4)
+    assert losses.relation(x, x.clone()) == 0
+    assert losses.relation(x, torch.randn(6, 4)) > 0
+
+
+def test_alignment_loss_drops_when_paired_embeddings_coincide():
+    torch.manual_seed(0)
+    za = torch.randn(16, 8)
+    present = torch.ones(16, 2, dtype=torch.bool)
+    paired = losses.alignment(torch.stack([za, za], 1), present, temperature=0.1)
+    unpaired = losses.alignment(torch.stack([za, torch.randn(16, 8)], 1), present, temperature=0.1)
+    assert paired < 0.1 < unpaired
+
+
+def test_alignment_ignores_samples_missing_a_modality():
+    z = torch.randn(4, 2, 8)
+    present = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 0]], dtype=torch.bool)
+    changed = z.clone()
+    changed[2:, 1] = torch.randn(2, 8)
+    assert torch.equal(losses.alignment(z, present), losses.alignment(changed, present))
+
+
+def test_distillation_is_zero_for_identical_logits_on_old_classes():
+    old = torch.randn(5, 3)
+    new = torch.cat([old, torch.randn(5, 2)], 1)  # new classes appended are ignored
+    assert losses.distillation(new, old).abs() < 1e-6
+    assert losses.distillation(torch.randn(5, 5), old) > 0
+
+
+def test_router_picks_exactly_top_k_with_normalised_gates():
+    moe = MoEAdapter(dim=8, num_experts=4, top_k=2, bottleneck=4).eval()
+    gates, probs = moe.route(torch.randn(10, 8))
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.allclose(gates.sum(-1), torch.ones(10))
+    assert torch.equal((gates > 0), torch.zeros_like(gates, dtype=torch.bool).scatter(-1, probs.topk(2).indices, True))
+
+
+def test_load_balancing_penalises_a_collapsed_router():
+    moe = MoEAdapter(dim=8, num_experts=4, top_k=1, bottleneck=4).eval()
+    torch.nn.init.zeros_(moe.router.weight)
+    torch.nn.init.zeros_(moe.router.bias)
+    moe(torch.randn(32, 8))
+    uniform = moe.balance_loss.item()
+    moe.router.bias.data = torch.tensor([10.0, 0, 0, 0])
+    moe(torch.randn(32, 8))
+    assert uniform == pytest.approx(1.0)
+    assert moe.balance_loss.item() > 3.5  # approaches num_experts when one expert takes everything
+
+
+def test_missing_modality_is_masked_out():
+    enc = MMEncoder(DIMS, dim=16, blocks=2, heads=2, num_experts=3, top_k=2, bottleneck=4, dropout=0).eval()
+    feats, present, _ = batch()
+    present[:, 1] = False
+    z_m, z = enc(feats, present)
+    feats["b"] = feats["b"] + 100
+    z_m2, z2 = enc(feats, present)
+    assert torch.allclose(z, z2, atol=1e-6) and torch.allclose(z_m[:, 0], z_m2[:, 0], atol=1e-6)
+
+
+def test_frozen_experts_do_not_change_while_the_rest_trains():
+    torch.manual_seed(0)
+    model = CMoE(DIMS, num_classes=3, dim=16, heads=2, num_experts=3, top_k=3, bottleneck=4)
+    moe = model.encoder.moe_layers[0]
+    moe.frozen[0] = True
+    frozen_before = [p.clone() for p in moe.experts[0].parameters()]
+    free_before = [p.clone() for p in moe.experts[1].parameters()]
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        feats, present, y = batch(seed=step)
+        loss, _ = model.objective(feats, present, y, LossWeights())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, moe.experts[0].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(free_before, moe.experts[1].parameters()))
+
+
+def test_expert_lifecycle_freezes_the_most_used_unfrozen_experts():
+    model = CMoE(DIMS, num_classes=2, dim=16, heads=2, num_experts=4, top_k=2, bottleneck=4, blocks=1)
+    moe = model.encoder.moe_layers[0]
+    moe.frozen[3] = True
+    model.freeze_most_used_experts([torch.tensor([1.0, 5.0, 2.0, 9.0])], how_many=2)
+    assert moe.frozen.tolist() == [False, True, True, True]
+
+
+def test_objective_adds_distillation_and_relation_with_a_previous_model():
+    torch.manual_seed(0)
+    model = CMoE(DIMS, num_classes=3, dim=16, heads=2, num_experts=3, top_k=2, bottleneck=4)
+    old = CMoE(DIMS, num_classes=2, dim=16, heads=2, num_experts=3, top_k=2, bottleneck=4).eval()
+    feats, present, y = batch()
+    _, terms = model.objective(feats, present, y, LossWeights(), old_model=old, seen_before=2)
+    assert set(terms) == {"ce", "kd", "rel", "align", "bal"}
+    _, first = model.objective(feats, present, y, LossWeights(align=0, bal=0))
+    assert set(first) == {"ce"}
+
+
+def test_cosine_head_grows_and_keeps_old_rows():
+    head = CosineClassifier(8, 2)
+    old = head.weight.detach().clone()
+    head.grow(3)
+    assert head.num_classes == 5 and torch.equal(head.weight[:2], old)
+    assert head(torch.randn(4, 8)).shape == (4, 5)

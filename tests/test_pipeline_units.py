@@ -1,0 +1,108 @@
+"""Fast tests of configuration, scenarios, the data validator and the metrics."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.data import DataError, load_data, validate_table
+from pipeline.evaluate import summarize
+from pipeline.scenario import make_scenario
+
+
+def test_config_file_then_overrides_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("scenario: domain-il\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.lr=1e-3", "model.num_experts=8", "loss.align=0"])
+    assert cfg.scenario == "domain-il" and cfg.train.epochs == 3
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
+    assert cfg.model.num_experts == 8 and cfg.loss.align == 0.0
+    assert cfg.fingerprint() != load_config(path).fingerprint()
+    assert cfg.fingerprint() == load_config(path, ["train.lr=1e-3", "model.num_experts=8", "loss.align=0",
+                                                   "output_dir=elsewhere"]).fingerprint()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown key 'epoch'"),
+    ("train.lr=fast", "'lr' must be a number"),
+    ("scenario=task-il", "scenario must be"),
+    ("model.top_k=9", "top_k"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_class_il_splits_a_seeded_class_order_into_disjoint_tasks():
+    labels = np.repeat(np.arange(10), 3)
+    sc = make_scenario("class-il", labels, np.array(["d"] * 30), 5, seed=1)
+    assert sorted(c for t in sc.tasks for c in t.classes) == list(range(10))
+    assert [len(t.classes) for t in sc.tasks] == [2] * 5
+    assert sc.class_order == [c for t in sc.tasks for c in t.classes]
+    assert sc.head_size_after(2) == 6
+    assert make_scenario("class-il", labels, labels, 5, seed=2).class_order != sc.class_order
+
+
+def test_domain_il_tasks_follow_the_domain_column():
+    labels = np.tile(np.arange(3), 4)
+    domains = np.repeat(["w", "x", "y", "z"], 3)
+    sc = make_scenario("domain-il", labels, domains, 2, seed=0)
+    assert sorted(d for t in sc.tasks for d in t.domains) == ["w", "x", "y", "z"]
+    assert sc.head_size_after(0) == 3
+    assert sc.task_mask(sc.tasks[0], labels, domains).sum() == 6
+    with pytest.raises(ValueError, match="only 4 domains"):
+        make_scenario("domain-il", labels, domains, 5, seed=0)
+
+
+def test_summary_metrics_on_a_hand_made_matrix():
+    m = [[0.9, None, None], [0.6, 0.8, None], [0.5, 0.7, 1.0]]
+    s = summarize(m)
+    assert s["avg_acc"] == pytest.approx((0.5 + 0.7 + 1.0) / 3)
+    assert s["avg_inc_acc"] == pytest.approx((0.9 + 0.7 + (2.2 / 3)) / 3)
+    assert s["forgetting"] == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
+    assert s["bwt"] == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+
+
+def good_table(n=6):
+    return {
+        "sample_id": [f"s{i}" for i in range(n)], "label": list(range(n)), "label_name": [str(i) for i in range(n)],
+        "domain": ["d"] * n, "split": ["train", "test"] * (n // 2),
+        "v": [[float(i), 1.0] for i in range(n)], "w": [[1.0, 2.0, 3.0]] * n,
+    }
+
+
+def test_validator_accepts_a_good_table_and_names_every_bad_row_and_column():
+    assert validate_table(pa.table(good_table()), "f.parquet") == []
+    cols = good_table()
+    del cols["domain"]
+    cols["v"][1] = [float("nan"), 1.0]
+    cols["v"][2] = [1.0]
+    cols["split"][3] = "holdout"
+    cols["v"][4] = None
+    cols["w"][4] = None
+    cols["w"][5] = None
+    problems = [str(p) for p in validate_table(pa.table(cols), "f.parquet")]
+    assert "error: f.parquet, column 'domain': required column is missing" in problems
+    assert any("column 'v', row 1: NaN or infinite" in p for p in problems)
+    assert any("column 'v', row 2: vector length differs" in p for p in problems)
+    assert any("column 'split', row 3: split must be" in p for p in problems)
+    assert any(p.startswith("error: f.parquet, row 4: every modality is null") for p in problems)
+    assert any(p.startswith("warning: f.parquet, column 'w', rows 4, 5") for p in problems)
+
+
+def test_missing_and_malformed_files_fail_with_their_name(tmp_path, capsys):
+    with pytest.raises(DataError, match="data file not found: .*nope.parquet"):
+        load_data(tmp_path / "nope.parquet")
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="junk.parquet: not a readable Parquet"):
+        load_data(junk)
+    bad = tmp_path / "bad.parquet"
+    cols = good_table()
+    cols["v"][1] = [float("inf"), 0.0]
+    pq.write_table(pa.table(cols), bad)
+    assert main(["data", "validate", str(bad)]) == 1
+    assert "bad.parquet, column 'v', row 1: NaN or infinite" in capsys.readouterr().out
+    assert main(["run", "--data", str(junk), f"output_dir={tmp_path}"]) == 2
+    assert "junk.parquet: not a readable Parquet" in capsys.readouterr().err
