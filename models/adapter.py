@@ -68,6 +68,10 @@ class MoEAdapter(nn.Module):
             rows = gates[:, e].nonzero(as_tuple=True)[0]
             if rows.numel():
                 out = out.index_add(0, rows, gates[rows, e, None] * expert(x[rows]))
+            elif self.training:
+                # A zero gradient for an expert no token chose, so that data-parallel workers
+                # (DeepSpeed's gradient buckets) always reduce the same set of parameters.
+                out = out + 0.0 * sum(p.sum() for p in expert.parameters())
         return out
 
 

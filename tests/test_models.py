@@ -119,3 +119,12 @@ def test_cosine_head_grows_and_keeps_old_rows():
     head.grow(3)
     assert head.num_classes == 5 and torch.equal(head.weight[:2], old)
     assert head(torch.randn(4, 8)).shape == (4, 5)
+
+
+def test_every_trainable_expert_gets_a_gradient_even_when_no_token_chose_it():
+    """Data-parallel workers must reduce the same parameters, whatever their batch routed."""
+    moe = MoEAdapter(dim=8, num_experts=4, top_k=1, bottleneck=4).train()
+    moe.noise = 0
+    moe.router.bias.data = torch.tensor([10.0, 0, 0, 0])  # every token goes to expert 0
+    moe(torch.randn(5, 8)).sum().backward()
+    assert all(p.grad is not None for p in moe.parameters())
