@@ -33,6 +33,25 @@ def _run(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from pipeline.data import DataError
+    from tune.sweep import load_sweep, run_sweep
+
+    try:
+        cfg, sweep = load_sweep(args.config, args.overrides, samples=args.samples, scheduler=args.scheduler,
+                                search=args.search)
+        summary = run_sweep(cfg, sweep, args.best_out, verbose=args.verbose)
+    except (ConfigError, DataError) as e:
+        print(f"mmcl: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{summary['trials']} trials: {summary['failed']} failed, {summary['stopped_early']} stopped early")
+    print(f"best: {summary['best_params']}\n  validation avg incremental accuracy {summary['best_val_avg_inc_acc']:.4f}"
+          f"; on the test split: average accuracy {summary['best_test_avg_acc']:.4f}, "
+          f"forgetting {summary['best_test_forgetting']:.4f}")
+    print(f"best config written to {args.best_out}: mmcl run --config {args.best_out}")
+    return 0
+
+
 def _validate(args) -> int:
     from pipeline.data import DataError, read_parquet, validate_table
 
@@ -47,6 +66,73 @@ def _validate(args) -> int:
     errors = sum(p.level == "error" for p in problems)
     print(f"{args.path}: {table.num_rows} rows, {errors} error(s), {len(problems) - errors} warning(s)")
     return 1 if errors else 0
+
+
+def _predict(args) -> int:
+    import mlflow
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import DataError, read_parquet
+
+    mlflow.set_tracking_uri(args.tracking_uri or _default_uri())
+    try:
+        table = read_parquet(args.input)
+        model = mlflow.pyfunc.load_model(args.model_uri)
+        out = model.predict(table.to_pandas())
+    except (DataError, ValueError, mlflow.exceptions.MlflowException) as e:
+        print(f"mmcl: {e}", file=sys.stderr)
+        return 2
+    if "sample_id" in table.column_names:
+        out.insert(0, "sample_id", table["sample_id"].to_pylist())
+    if args.out.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pandas(out, preserve_index=False), args.out)
+    else:
+        out.to_csv(args.out, index=False)
+    print(f"{len(out)} predictions from {args.model_uri} written to {args.out}")
+    return 0
+
+
+def _lineage(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(args.tracking_uri or _default_uri())
+    versions = sorted(client.search_model_versions(f"name = '{args.name}'"), key=lambda v: int(v.version))
+    if not versions:
+        print(f"mmcl: no registered model '{args.name}'", file=sys.stderr)
+        return 2
+    for v in versions:
+        t = v.tags
+        parent = t.get("mmcl.continued_from_version") or "-"
+        print(f"version {v.version}: task {t.get('mmcl.task_index')} <- version {parent}  "
+              f"classes seen [{t.get('mmcl.classes_seen', '')}] domains seen [{t.get('mmcl.domains_seen', '')}]  "
+              f"data {t.get('mmcl.data_fingerprint')} config {t.get('mmcl.config_hash')} run {t.get('mmcl.run_id')}")
+    return 0
+
+
+def _default_uri() -> str:
+    from pipeline.tracking import tracking_uri
+
+    return tracking_uri(load_config())
+
+
+def _ui(args) -> int:
+    import os
+    import signal
+    import subprocess
+
+    uri = args.tracking_uri or _default_uri()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's workers are in its process group
+        proc.wait()
+        return 0
 
 
 def main(argv=None) -> int:
@@ -65,10 +151,33 @@ def main(argv=None) -> int:
     run.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=5 model.num_experts=8")
     run.set_defaults(func=_run)
+    sweep = sub.add_parser("sweep", help="Ray Tune over whole sequences (experts, top-k, loss weights, lr)")
+    sweep.add_argument("--config", help="YAML config; its `sweep:` section sets the search")
+    sweep.add_argument("--samples", type=int, help="number of trials (default 8)")
+    sweep.add_argument("--scheduler", choices=["asha", "fifo"])
+    sweep.add_argument("--search", choices=["random", "optuna"])
+    sweep.add_argument("--best-out", default="best_config.yaml", help="where the best config is written")
+    sweep.add_argument("--verbose", action="store_true")
+    sweep.add_argument("overrides", nargs="*", help="config overrides applied to every trial")
+    sweep.set_defaults(func=_sweep)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     validate = data.add_parser("validate", help="check a Parquet file or folder against the schema")
     validate.add_argument("path")
     validate.set_defaults(func=_validate)
+    predict = sub.add_parser("predict", help="predict with a registered model version")
+    predict.add_argument("--model-uri", required=True, help="e.g. models:/mfeat-cmoe/3")
+    predict.add_argument("--input", required=True, help="Parquet file with the model's modality columns")
+    predict.add_argument("--out", required=True, help="predictions: .parquet, else CSV")
+    predict.add_argument("--tracking-uri", help="default: the project's store under runs/")
+    predict.set_defaults(func=_predict)
+    lineage = sub.add_parser("lineage", help="the chain of registered versions of a model, task by task")
+    lineage.add_argument("name", help="registered model name, e.g. mfeat-cmoe")
+    lineage.add_argument("--tracking-uri")
+    lineage.set_defaults(func=_lineage)
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the project's store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri")
+    ui.set_defaults(func=_ui)
     args = parser.parse_args(argv)
     return args.func(args)
 

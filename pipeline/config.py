@@ -1,4 +1,5 @@
 """Typed run configuration: defaults here, a YAML file over them, `section.key=value` overrides last."""
+import copy
 import dataclasses
 import hashlib
 import json
@@ -41,12 +42,14 @@ class TrainConfig:
     cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks still get a CPU on 2 cores
     zero_stage: int = 2
     use_gpu: bool = False
+    val_fraction: float = 0.0  # of each class's train rows held out for validation when no 'val' rows exist
 
 
 @dataclass
 class TrackingConfig:
     uri: str | None = None  # default: sqlite store under <output_dir>/mlruns
     experiment: str | None = None  # default: the benchmark name
+    parent_run_id: str | None = None  # nest the sequence's run under this one (a sweep's)
 
 
 @dataclass
@@ -117,27 +120,36 @@ def _parse_override(text: str):
     return key.strip().split("."), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    values: dict = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return values
+
+
+def config_from_dict(values: dict, overrides: list[str] = (), where: str = "config") -> RunConfig:
+    values = copy.deepcopy(values)
     for text in overrides:
         keys, value = _parse_override(text)
         node = values
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    cfg = _build(RunConfig, values, str(path) if path else "config")
+    cfg = _build(RunConfig, values, where)
     _check(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    values = read_yaml(path) if path else {}
+    values.pop("sweep", None)  # a sweep's file runs as a plain config too
+    return config_from_dict(values, overrides, str(path) if path else "config")
 
 
 def _check(cfg: RunConfig) -> None:
@@ -145,6 +157,8 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"scenario must be class-il or domain-il, not '{cfg.scenario}'")
     if cfg.num_tasks < 1:
         raise ConfigError("num_tasks must be at least 1")
+    if not 0 <= cfg.train.val_fraction < 1:
+        raise ConfigError("train.val_fraction must be in [0, 1)")
     if cfg.train.epochs < 1:
         raise ConfigError("train.epochs must be at least 1")
     if cfg.train.num_workers < 1:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import ray.train
 from ray.train import UserCallback
 
 from pipeline.benchmarks import benchmark_path
@@ -16,7 +17,7 @@ from pipeline.config import RunConfig
 from pipeline.data import load_data
 from pipeline.evaluate import predict, summarize
 from pipeline.scenario import make_scenario
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, data_fingerprint
 from pipeline.worker import load_model, train_func_per_worker
 
 STATE_FILE = "state.json"
@@ -111,7 +112,7 @@ def fit_with_progress(trainer_factory, log):
 
 
 def fit_task(cfg: RunConfig, spec: dict, task, scenario, data_path: str, init_checkpoint, class_index,
-             run_dir: Path, verbose: bool, log):
+             run_dir: Path, verbose: bool, log, held_out_ids: list[str]):
     import ray.data
     import ray.train
     from ray.data.expressions import col
@@ -119,6 +120,8 @@ def fit_task(cfg: RunConfig, spec: dict, task, scenario, data_path: str, init_ch
 
     rows = (col("split") == "train") & (
         col("domain").is_in(task.domains) if scenario.kind == "domain-il" else col("label").is_in(task.classes))
+    if held_out_ids:
+        rows = rows & col("sample_id").not_in(held_out_ids)
     train = ray.data.read_parquet(data_path).filter(expr=rows).materialize()  # read once, not once per epoch
 
     trainer_factory = lambda callback: TorchTrainer(  # noqa: E731
@@ -141,8 +144,35 @@ def fit_task(cfg: RunConfig, spec: dict, task, scenario, data_path: str, init_ch
     return fit_with_progress(trainer_factory, log)
 
 
-def run_sequence(cfg: RunConfig, verbose: bool = False, log=print) -> dict:
-    """Runs (or resumes) the whole sequence and returns the output-contract dict."""
+def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray, fraction: float):
+    """Marks a seeded `fraction` of each class's train rows 'val' unless the data has 'val' rows.
+
+    Returns the new split column and the ids of the rows moved out of training.
+    """
+    if fraction <= 0 or (split == "val").any():
+        return split, []
+    split, rng = split.copy(), np.random.default_rng(12345)
+    for c in np.unique(labels):
+        rows = np.flatnonzero((split == "train") & (labels == c))
+        split[rng.choice(rows, int(round(fraction * len(rows))), replace=False)] = "val"
+    return split, sample_ids[split == "val"].tolist()
+
+
+def accuracy_row(model, columns: dict, rows_per_task: list, upto: int, targets: np.ndarray, modalities) -> list:
+    """Accuracy on each task 0..upto's rows, with every seen class competing; None for later tasks."""
+    row = [None] * len(rows_per_task)
+    for j in range(upto + 1):
+        rows = rows_per_task[j]
+        pred = predict(model, {k: v[rows] for k, v in columns.items()}, modalities)
+        row[j] = float((pred == targets[rows]).mean())
+    return row
+
+
+def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=None) -> dict:
+    """Runs (or resumes) the whole sequence and returns the output-contract dict.
+
+    `on_task_end(task_entry)` is called after each task trained in this call (a sweep reports there).
+    """
     _quiet(verbose)
     started = time.time()
     data_path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
@@ -154,49 +184,51 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print) -> dict:
     name = f"{Path(data_path).stem}-{cfg.scenario}-{cfg.method}-seed{cfg.seed}"
     run_dir = Path(cfg.output_dir) / f"{name}-{cfg.fingerprint()}"
     state = SequenceState.open(run_dir, cfg.fingerprint())
-    spec = {"modalities": data.modalities, "model": {k: v for k, v in vars(cfg.model).items()
-                                                     if k != "freeze_per_task"}}
-    test_cols = {c: data.column(c) for c in ["label", *data.modalities]}
-    test_rows = [np.flatnonzero((split == "test") & scenario.task_mask(t, labels, domains)) for t in scenario.tasks]
+    spec = {"modalities": data.modalities, "class_order": scenario.class_order,
+            "model": {k: v for k, v in vars(cfg.model).items() if k != "freeze_per_task"}}
+    split, held_out_ids = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction)
+    eval_cols = {c: data.column(c) for c in ["label", *data.modalities]}
+    eval_rows = {s: [np.flatnonzero((split == s) & scenario.task_mask(t, labels, domains)) for t in scenario.tasks]
+                 for s in ("val", "test") if (split == s).any()}
 
     tracker = Tracker(cfg)
+    fingerprint = data_fingerprint(data_path)
     resumed = bool(state.tasks)
     seconds_before = state.data.get("seconds", 0.0)
     state.data["mlflow_run_id"] = tracker.start_sequence(cfg, name, state.data["mlflow_run_id"])
     state.save()
     if resumed:
         log(f"Resuming {run_dir}: tasks 0-{len(state.tasks) - 1} already finished")
-    import ray.train
-
     try:
+        _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint)
         init_ray(cfg, verbose)
         for task in scenario.tasks[len(state.tasks):]:
             log(f"Task {task.index + 1}/{len(scenario.tasks)}: "
                 + (f"classes {task.classes}" if scenario.kind == "class-il" else f"domains {task.domains}"))
             prev = state.tasks[-1]["checkpoint"] if state.tasks else None
             init = ray.train.Checkpoint(prev) if prev else None
-            result = fit_task(cfg, spec, task, scenario, data_path, init, class_index, run_dir, verbose, log)
+            result = fit_task(cfg, spec, task, scenario, data_path, init, class_index, run_dir, verbose, log,
+                              held_out_ids)
             local = run_dir / f"task-{task.index}"
             result.checkpoint.to_directory(str(local))
             model, _ = load_model(local)
-            row = [None] * len(scenario.tasks)
-            for j in range(task.index + 1):
-                rows = test_rows[j]
-                pred = predict(model, {k: v[rows] for k, v in test_cols.items()}, data.modalities)
-                row[j] = float((pred == class_index[labels[rows]]).mean())
-            history = _history(result)
+            rows = {s: accuracy_row(model, eval_cols, r, task.index, class_index[labels], data.modalities)
+                    for s, r in eval_rows.items()}
+            row, val_row = rows["test"], rows.get("val")
             matrix = [t["row"] for t in state.tasks] + [row]
-            state.tasks.append({"index": task.index, "classes": task.classes, "domains": task.domains,
-                                "checkpoint": result.checkpoint.path, "local": str(local), "row": row,
-                                "history": history, "summary": summarize(matrix), "logged": False})
+            entry = {"index": task.index, "classes": task.classes, "domains": task.domains,
+                     "checkpoint": result.checkpoint.path, "local": str(local), "row": row,
+                     "history": _history(result), "summary": summarize(matrix), "logged": False}
+            if val_row is not None:
+                entry["val_row"] = val_row
+                entry["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [val_row])
+            state.tasks.append(entry)
             state.data["seconds"] = seconds_before + time.time() - started
             state.save()
             log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in row if a is not None)}")
-            for t in state.tasks:
-                if not t["logged"]:
-                    tracker.log_task(state.data["mlflow_run_id"], t, len(scenario.tasks), t["local"])
-                    t["logged"] = True
-            state.save()
+            _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint)
+            if on_task_end:
+                on_task_end(entry)
     except BaseException:
         tracker.fail_sequence(state.data["mlflow_run_id"])
         raise
@@ -205,10 +237,31 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print) -> dict:
     result = {"benchmark": cfg.benchmark if not cfg.data else str(cfg.data), "scenario": cfg.scenario,
               "method": cfg.method, "seed": cfg.seed, "num_tasks": len(scenario.tasks), "acc_matrix": matrix,
               **summarize(matrix), "seconds": seconds, "mlflow_run_id": state.data["mlflow_run_id"]}
+    if "val_summary" in state.tasks[-1]:
+        result["val"] = state.tasks[-1]["val_summary"]
     tracker.finish_sequence(state.data["mlflow_run_id"], result)
     state.data["complete"] = True
     state.save()
     return result
+
+
+def _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint) -> None:
+    """Child run and registered model version for each finished task not yet in MLflow."""
+    for t in state.tasks:
+        if t["logged"]:
+            continue
+        i = t["index"]
+        seen = scenario.class_order[:scenario.head_size_after(i)]
+        lineage = {
+            "mmcl.classes_seen": ",".join(map(str, seen)),
+            "mmcl.domains_seen": ",".join(d for u in state.tasks[:i + 1] for d in (u["domains"] or [])),
+            "mmcl.continued_from_version": state.tasks[i - 1]["model_version"] if i else "",
+            "mmcl.data": data_path, "mmcl.data_fingerprint": fingerprint, "mmcl.config_hash": cfg.fingerprint(),
+            "mmcl.sequence_run_id": state.data["mlflow_run_id"],
+        }
+        t.update(tracker.log_task(state.data["mlflow_run_id"], t, len(scenario.tasks), t["local"], lineage))
+        t["logged"] = True
+        state.save()
 
 
 def _history(result) -> list[dict]:

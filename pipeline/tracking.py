@@ -1,6 +1,10 @@
-"""MLflow: a parent run per sequence, a child run per finished task, logged once each."""
+"""MLflow: a parent run per sequence, a child run and a registered model version per task."""
+import hashlib
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -8,6 +12,49 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pipeline.config import RunConfig
 
 TASK_TAG = "mmcl.task_index"
+MODEL_REQUIREMENTS = ["torch", "numpy", "pandas", "pyarrow"]
+
+
+def experiment_name(cfg: RunConfig) -> str:
+    return cfg.tracking.experiment or (cfg.benchmark if not cfg.data else Path(cfg.data).stem)
+
+
+def registered_model_name(cfg: RunConfig) -> str:
+    return f"{experiment_name(cfg)}-{cfg.method}"
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """sha256 over the bytes of the Parquet file, or of every file under the folder in order."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class TaskModel(mlflow.pyfunc.PythonModel):
+    """A task's checkpoint as an MLflow pyfunc: a DataFrame with the modality columns in, labels out."""
+
+    def load_context(self, context):
+        from pipeline.worker import load_model
+
+        self.model, self.spec = load_model(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from pipeline.evaluate import predict
+
+        missing = [m for m in self.spec["modalities"] if m not in model_input.columns]
+        if missing:
+            raise ValueError(f"input lacks the model's modality columns: {', '.join(missing)}")
+        columns = {m: model_input[m].to_numpy() for m in self.spec["modalities"]}
+        columns["label"] = np.zeros(len(model_input), dtype=np.int64)
+        index = predict(self.model, columns, self.spec["modalities"])
+        order = np.asarray(self.spec["class_order"])
+        return pd.DataFrame({"prediction": order[index]})
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -18,13 +65,15 @@ def ui_command(cfg: RunConfig) -> str:
     uri = tracking_uri(cfg)
     if not uri.startswith("sqlite:"):
         return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1"
+    return f"mmcl ui --tracking-uri {uri}"
 
 
 class Tracker:
     def __init__(self, cfg: RunConfig):
         self.client = MlflowClient(tracking_uri(cfg))
-        name = cfg.tracking.experiment or (cfg.benchmark if not cfg.data else Path(cfg.data).stem)
+        self.uri = tracking_uri(cfg)
+        self.model_name = registered_model_name(cfg)
+        name = experiment_name(cfg)
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             artifacts = None
@@ -39,11 +88,14 @@ class Tracker:
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-            "mmcl.method": cfg.method, "mmcl.scenario": cfg.scenario, "mmcl.config_fingerprint": cfg.fingerprint()})
+        tags = {"mmcl.method": cfg.method, "mmcl.scenario": cfg.scenario, "mmcl.config_fingerprint": cfg.fingerprint()}
+        if cfg.tracking.parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = cfg.tracking.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         params = [Param(k, str(v)) for k, v in cfg.flat().items()]
         for lo in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[lo:lo + 100])
+        self.client.log_dict(run.info.run_id, cfg.to_dict(), "config.yaml")
         return run.info.run_id
 
     def task_run(self, parent_id: str, task_index: int):
@@ -52,33 +104,88 @@ class Tracker:
             filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_id}' and tags.`{TASK_TAG}` = '{task_index}'")
         return found[0] if found else None
 
-    def log_task(self, parent_id: str, task: dict, num_tasks: int, checkpoint_dir: str | None) -> str:
-        """A FINISHED child run with the task's history and row of the matrix; skipped if already there."""
+    def log_task(self, parent_id: str, task: dict, num_tasks: int, checkpoint_dir: str, lineage: dict) -> dict:
+        """A FINISHED child run with the task's history and row of the matrix, and a registered model
+        version of its checkpoint; both looked up first, so that a resumed sequence logs nothing twice.
+
+        Returns {"run_id", "model_version"}.
+        """
         existing = self.task_run(parent_id, task["index"])
-        if existing is not None and existing.info.status == "FINISHED":
-            return existing.info.run_id
         i = task["index"]
-        run_id = existing.info.run_id if existing else self.client.create_run(
-            self.experiment_id, run_name=f"task-{i}",
-            tags={MLFLOW_PARENT_RUN_ID: parent_id, TASK_TAG: str(i)}).info.run_id
-        metrics = [Metric(k, float(v), 0, int(h["epoch"])) for h in task["history"]
-                   for k, v in h.items() if k not in ("epoch", "task", "epochs", "num_tasks")]
-        metrics += [Metric(f"acc_task_{j}", float(a), 0, 0) for j, a in enumerate(task["row"]) if a is not None]
-        metrics += [Metric(k, float(v), 0, 0) for k, v in task["summary"].items()]
-        tags = [RunTag("mmcl.task_classes", ",".join(map(str, task["classes"]))),
-                RunTag(MLFLOW_RUN_NAME, f"task-{i} of {num_tasks}")]
-        for lo in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[lo:lo + 500], tags=tags if lo == 0 else [])
-        if checkpoint_dir:
+        if existing is not None and existing.info.status == "FINISHED":
+            run_id = existing.info.run_id
+        else:
+            run_id = existing.info.run_id if existing else self.client.create_run(
+                self.experiment_id, run_name=f"task-{i}",
+                tags={MLFLOW_PARENT_RUN_ID: parent_id, TASK_TAG: str(i)}).info.run_id
+            metrics = [Metric(k, float(v), 0, int(h["epoch"])) for h in task["history"]
+                       for k, v in h.items() if k != "epoch"]
+            metrics += [Metric(f"acc_task_{j}", float(a), 0, 0) for j, a in enumerate(task["row"]) if a is not None]
+            metrics += [Metric(k, float(v), 0, 0) for k, v in task["summary"].items()]
+            tags = [RunTag("mmcl.task_classes", ",".join(map(str, task["classes"]))),
+                    RunTag(MLFLOW_RUN_NAME, f"task-{i} of {num_tasks}")]
+            for lo in range(0, len(metrics), 500):
+                self.client.log_batch(run_id, metrics=metrics[lo:lo + 500], tags=tags if lo == 0 else [])
             self.client.log_artifacts(run_id, checkpoint_dir, "checkpoint")
+        version = self.register_task_model(run_id, i, checkpoint_dir, lineage)
         self.client.set_terminated(run_id, "FINISHED")
-        return run_id
+        return {"run_id": run_id, "model_version": version}
+
+    def register_task_model(self, run_id: str, task_index: int, checkpoint_dir: str, lineage: dict) -> str:
+        """One registered version per task; its tags say what it continued from and what it saw."""
+        found = self.client.search_model_versions(f"name = '{self.model_name}' and run_id = '{run_id}'")
+        if found:
+            return str(found[0].version)
+        mlflow.set_tracking_uri(self.uri)  # the fluent API and the registry's model-URI lookup use it
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=TaskModel(),
+                                           artifacts={"checkpoint": str(checkpoint_dir)},
+                                           pip_requirements=MODEL_REQUIREMENTS)
+        tags = {"mmcl.task_index": str(task_index), "mmcl.run_id": run_id, **lineage}
+        try:
+            self.client.create_registered_model(self.model_name)
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(self.model_name, info.model_uri, run_id=run_id, tags=tags,
+                                                   description=f"after task {task_index}", model_id=info.model_id)
+        return str(version.version)
 
     def finish_sequence(self, parent_id: str, result: dict) -> None:
         summary = {k: result[k] for k in ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")}
         self.client.log_batch(parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()])
         self.client.log_dict(parent_id, {"acc_matrix": result["acc_matrix"], **summary}, "acc_matrix.json")
+        for name, figure in plots(result["acc_matrix"]).items():
+            self.client.log_figure(parent_id, figure, name)
         self.client.set_terminated(parent_id, "FINISHED")
 
     def fail_sequence(self, parent_id: str) -> None:
         self.client.set_terminated(parent_id, "FAILED")
+
+
+def plots(matrix: list[list[float | None]]) -> dict:
+    """The accuracy matrix as a heatmap and each task's accuracy along the sequence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.array([[np.nan if v is None else v for v in row] for row in matrix])
+    heat, ax = plt.subplots(figsize=(1.2 + 0.8 * len(a), 1 + 0.7 * len(a)))
+    im = ax.imshow(a, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), v in np.ndenumerate(a):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set(xlabel="evaluated on task", ylabel="after training task", title="Accuracy matrix",
+           xticks=range(len(a)), yticks=range(len(a)))
+    heat.colorbar(im)
+    curves, ax = plt.subplots(figsize=(5, 3.5))
+    for j in range(a.shape[1]):
+        ax.plot(range(j, len(a)), a[j:, j], marker="o", label=f"task {j}")
+    ax.plot(range(len(a)), np.nanmean(a, 1), "k--", label="mean of seen")
+    ax.set(xlabel="after training task", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy along the sequence")
+    ax.legend(fontsize=7)
+    figs = {"acc_matrix.png": heat, "acc_curves.png": curves}
+    for f in figs.values():
+        f.tight_layout()
+    return figs

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -50,7 +51,34 @@ def test_sequence_end_to_end(ray_local, tmp_path, capsys):
     assert [m.step for m in client.get_metric_history(last.info.run_id, "loss")] == [1, 2, 3]
     artifact = client.download_artifacts(parent.info.run_id, "acc_matrix.json", str(tmp_path))
     assert json.loads(Path(artifact).read_text())["acc_matrix"] == matrix
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"acc_matrix.png", "acc_curves.png", "config.yaml"} <= parent_artifacts
     assert "checkpoint" in {a.path for a in client.list_artifacts(last.info.run_id)}
+
+    # Lineage: one registered version per task, the second continuing from the first.
+    v1, v2 = sorted(client.search_model_versions("name = 'mfeat-cmoe'"), key=lambda v: int(v.version))
+    first = next(r for r in children if r.data.tags["mmcl.task_index"] == "0")
+    assert (v1.run_id, v2.run_id) == (first.info.run_id, last.info.run_id)
+    assert v2.tags["mmcl.continued_from_version"] == str(v1.version) and v1.tags["mmcl.continued_from_version"] == ""
+    assert v1.tags["mmcl.config_hash"] == v2.tags["mmcl.config_hash"] == parent.data.tags["mmcl.config_fingerprint"]
+    assert len(v1.tags["mmcl.data_fingerprint"]) == 16 and v1.tags["mmcl.classes_seen"].count(",") == 4
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["lineage", "mfeat-cmoe", "--tracking-uri", uri]) == 0
+    assert f"version {v2.version}: task 1 <- version {v1.version}" in capsys.readouterr().out
+
+    # Roll-back: the older version still predicts its own task's classes.
+    task0 = [int(c) for c in v1.tags["mmcl.classes_seen"].split(",")]
+    data = pq.read_table(tmp_path / "data" / "mfeat.parquet").to_pandas()
+    rows = data[(data.split == "test") & data.label.isin(task0)]
+    rows.drop(columns=["label"]).to_parquet(tmp_path / "task0.parquet")
+    for version, expected in ((v1.version, matrix[0][0]), (v2.version, matrix[1][0])):
+        out_file = tmp_path / f"pred-v{version}.parquet"
+        assert main(["predict", "--model-uri", f"models:/mfeat-cmoe/{version}", "--input",
+                     str(tmp_path / "task0.parquet"), "--out", str(out_file), "--tracking-uri", uri]) == 0
+        pred = pq.read_table(out_file).to_pandas()
+        assert list(pred.sample_id) == list(rows.sample_id)
+        assert (pred.prediction.to_numpy() == rows.label.to_numpy()).mean() == pytest.approx(expected)
+    assert set(pq.read_table(tmp_path / f"pred-v{v1.version}.parquet")["prediction"].to_pylist()) <= set(task0)
 
 
 def test_a_killed_sequence_resumes_at_the_last_finished_task(ray_local, tmp_path, capsys):

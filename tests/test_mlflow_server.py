@@ -1,0 +1,98 @@
+"""A short sequence tracked over HTTP by a real `mlflow server`, read back through its REST API."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server runs its workers in its own process group
+        proc.wait(timeout=30)
+
+
+def test_sequence_tracked_over_http(ray_local, mlflow_server, tmp_path):
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    out = tmp_path / "r.json"
+    assert main(["run", "--out", str(out), "--tasks", "2", "train.epochs=1", f"tracking.uri={mlflow_server}",
+                 f"output_dir={tmp_path}"]) == 0
+    result = json.loads(out.read_text())
+
+    exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "mfeat"}).json()["experiment"]
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}).json()["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+    parent = next(r for r in runs if r["info"]["run_id"] == result["mlflow_run_id"])
+    assert parent["info"]["status"] == "FINISHED"
+    children = [rid for rid, t in tags.items() if t.get("mlflow.parentRunId") == result["mlflow_run_id"]]
+    assert sorted(tags[c]["mmcl.task_index"] for c in children) == ["0", "1"]
+
+    versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='mfeat-cmoe'"}).json()
+    versions = sorted(versions["model_versions"], key=lambda v: int(v["version"]))
+    lineage = [{t["key"]: t["value"] for t in v["tags"]} for v in versions]
+    assert [v["run_id"] for v in versions] == sorted(children, key=lambda c: tags[c]["mmcl.task_index"])
+    assert lineage[1]["mmcl.continued_from_version"] == versions[0]["version"]
+    assert lineage[0]["mmcl.data_fingerprint"] == lineage[1]["mmcl.data_fingerprint"]
+    assert lineage[1]["mmcl.sequence_run_id"] == result["mlflow_run_id"]
+
+    files = requests.get(f"{api}/artifacts/list", params={"run_id": result["mlflow_run_id"]}).json()["files"]
+    assert {"acc_matrix.json", "acc_matrix.png", "acc_curves.png", "config.yaml"} <= {f["path"] for f in files}
+    matrix = requests.get(f"{mlflow_server}/get-artifact",
+                          params={"path": "acc_matrix.json", "run_uuid": result["mlflow_run_id"]}).json()
+    assert matrix["acc_matrix"] == result["acc_matrix"]
+
+
+def test_mmcl_ui_serves_the_store_on_localhost_and_stops_with_ctrl_c(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port), "--tracking-uri",
+                             f"sqlite:///{tmp_path / 'ui.db'}"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        for _ in range(120):
+            try:
+                response = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                         json={"max_results": 10}, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert response.ok and response.json()["experiments"][0]["name"] == "Default"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

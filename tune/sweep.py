@@ -1,0 +1,174 @@
+"""Ray Tune over whole task sequences: a trial is a sequence, reporting after every task."""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray.tune import Callback
+
+from pipeline.benchmarks import benchmark_path
+from pipeline.config import ConfigError, RunConfig, config_from_dict, read_yaml
+from pipeline.tracking import Tracker, tracking_uri
+
+METRIC = "val_avg_inc_acc"
+DEFAULT_SPACE = {
+    "model.num_experts": {"choice": [2, 4, 8]},
+    "model.top_k": {"choice": [1, 2]},
+    "loss.align": {"loguniform": [0.01, 1.0]},
+    "loss.kd": {"uniform": [0.0, 2.0]},
+    "loss.rel": {"uniform": [0.0, 2.0]},
+    "loss.bal": {"loguniform": [0.001, 0.1]},
+    "train.lr": {"loguniform": [3e-4, 5e-3]},
+}
+
+
+@dataclass
+class SweepConfig:
+    samples: int = 8
+    scheduler: str = "asha"  # asha | fifo
+    search: str = "random"  # random | optuna
+    val_fraction: float = 0.1  # used when the data has no 'val' rows
+    max_concurrent: int | None = None  # default: as many sequences as the cluster's CPUs hold
+    space: dict = field(default_factory=lambda: dict(DEFAULT_SPACE))
+
+
+def load_sweep(path: str | None, overrides: list[str] = (), **options) -> tuple[RunConfig, SweepConfig]:
+    """The run config and the `sweep:` section of one YAML file; `options` override the section."""
+    values = read_yaml(path) if path else {}
+    section = values.pop("sweep", None) or {}
+    unknown = set(section) - {f.name for f in dataclasses.fields(SweepConfig)}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}")
+    sweep = SweepConfig(**{**section, **{k: v for k, v in options.items() if v is not None}})
+    if sweep.scheduler not in ("asha", "fifo") or sweep.search not in ("random", "optuna"):
+        raise ConfigError("sweep.scheduler must be asha|fifo and sweep.search random|optuna")
+    cfg = config_from_dict(values, overrides, path or "config")
+    unknown = [key for key in sweep.space if key not in cfg.flat()]
+    if unknown:
+        raise ConfigError(f"sweep.space: unknown config keys {unknown}")
+    return cfg, sweep
+
+
+def tune_space(space: dict) -> dict:
+    from ray import tune
+
+    kinds = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda b: tune.uniform(*b),
+             "loguniform": lambda b: tune.loguniform(*b), "randint": lambda b: tune.randint(*b)}
+    out = {}
+    for key, spec in space.items():
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds):
+            raise ConfigError(f"sweep.space.{key}: expected one of {sorted(kinds)} with its values, got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        out[key] = kinds[kind](values)
+    return out
+
+
+def run_trial(params: dict, base: dict):
+    """One Tune trial: the whole sequence with `params` applied, reporting after every task."""
+    from ray import tune
+
+    from pipeline.driver import run_sequence
+
+    overrides = [f"{k}={v}" for k, v in params.items()]
+    try:
+        cfg = config_from_dict(base, overrides, "trial")
+    except ConfigError as e:
+        _record_invalid_trial(base, params, e)
+        raise
+
+    def report(task: dict):
+        val, test = task.get("val_summary", {}), task["summary"]
+        tune.report({"task": task["index"] + 1, METRIC: val.get("avg_inc_acc", math.nan),
+                     "val_avg_acc": val.get("avg_acc", math.nan), "test_avg_acc": test["avg_acc"],
+                     "test_avg_inc_acc": test["avg_inc_acc"], "test_forgetting": test["forgetting"]})
+
+    run_sequence(cfg, log=lambda *_: None, on_task_end=report)
+
+
+def _record_invalid_trial(base: dict, params: dict, error: Exception) -> None:
+    """A trial whose config is rejected still leaves a FAILED run under the sweep."""
+    cfg = config_from_dict(base)
+    tracker = Tracker(cfg)
+    run = tracker.client.create_run(tracker.experiment_id, run_name="invalid trial", tags={
+        MLFLOW_PARENT_RUN_ID: cfg.tracking.parent_run_id, "mmcl.error": str(error)[:5000]})
+    tracker.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    tracker.client.set_terminated(run.info.run_id, "FAILED")
+
+
+def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool = False, log=print) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipeline.driver import _quiet, init_ray
+
+    _quiet(verbose)
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())  # trials run in other processes
+    cfg.tracking.uri = tracking_uri(cfg)
+    if not cfg.data:
+        benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data")  # built once, not by every trial
+    if cfg.train.val_fraction == 0:
+        cfg.train.val_fraction = sweep.val_fraction
+    tracker = Tracker(cfg)
+    sweep_run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{cfg.method}",
+                                          tags={"mmcl.sweep": "true"})
+    sweep_id = sweep_run.info.run_id
+    tracker.client.log_batch(sweep_id, params=[Param(f"sweep.{k}", str(v)) for k, v in
+                                               dataclasses.asdict(sweep).items()])
+    cfg.tracking.parent_run_id = sweep_id
+
+    init_ray(cfg, verbose)
+    per_trial = cfg.train.num_workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
+    concurrent = sweep.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per_trial))
+    scheduler = (ASHAScheduler(time_attr="task", max_t=cfg.num_tasks, grace_period=1, reduction_factor=2)
+                 if sweep.scheduler == "asha" else FIFOScheduler())
+    search = None
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search = OptunaSearch(seed=cfg.seed)
+    tuner = tune.Tuner(
+        # The trial only drives; its Ray Train workers reserve their own CPUs (Tune refuses 0).
+        tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict()), {"CPU": 0.01}),
+        param_space=tune_space(sweep.space),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search,
+                                    num_samples=sweep.samples, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=f"sweep-{sweep_id[:8]}", storage_path=str(Path(cfg.output_dir) / "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+                                  callbacks=[TrialPrinter(log, cfg.num_tasks)]),
+    )
+    grid = tuner.fit()
+    finished = [r for r in grid if r.error is None and r.metrics.get("task") == cfg.num_tasks]
+    failed = [r for r in grid if r.error is not None]
+    summary = {"sweep_run_id": sweep_id, "trials": len(grid), "failed": len(failed),
+               "stopped_early": len(grid) - len(finished) - len(failed)}
+    if not finished:
+        tracker.client.set_terminated(sweep_id, "FAILED")
+        raise RuntimeError(f"no trial of the sweep finished its sequence ({len(failed)} failed)")
+    best = max(finished, key=lambda r: r.metrics[METRIC])
+    best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={v}" for k, v in best.config.items()])
+    best_cfg.tracking.parent_run_id = None
+    Path(best_out).write_text(yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    summary.update(best_params=best.config, **{f"best_{k}": best.metrics[k] for k in
+                                               (METRIC, "test_avg_acc", "test_avg_inc_acc", "test_forgetting")})
+    tracker.client.log_batch(sweep_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()
+                                                if isinstance(v, (int, float))])
+    tracker.client.log_artifact(sweep_id, best_out)
+    tracker.client.set_terminated(sweep_id, "FINISHED")
+    return summary
+
+
+class TrialPrinter(Callback):
+    """One line per trial report, on the driver."""
+
+    def __init__(self, log, num_tasks: int):
+        self.log, self.num_tasks = log, num_tasks
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.log(f"  trial {trial.trial_id}: task {result['task']}/{self.num_tasks} "
+                 f"val avg inc acc {result[METRIC]:.3f}  {trial.config}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"  trial {trial.trial_id} failed: {trial.config}")
