@@ -179,7 +179,12 @@ def main(argv=None) -> int:
     ui.add_argument("--tracking-uri")
     ui.set_defaults(func=_ui)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nmmcl: interrupted; `mmcl run` with the same arguments resumes after the last finished task",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

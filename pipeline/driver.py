@@ -3,9 +3,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def _quiet(verbose: bool) -> None:
     warnings.filterwarnings("ignore")
     for name in ("ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class ProgressCallback(UserCallback):
@@ -93,22 +93,31 @@ def _epoch_line(m: dict) -> str:
 
 
 def fit_with_progress(trainer_factory, log):
-    """Runs `trainer.fit()` in a thread and prints each epoch's line as it arrives."""
+    """Runs `trainer.fit()` in a daemon thread and prints each epoch's line as it arrives; Ctrl-C
+    returns at once (the thread dies with the process, Ray's exit hook stops the workers)."""
     from ray.util.queue import Empty, Queue
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue, outcome = Queue(actor_options={"num_cpus": 0}), {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer_factory(ProgressCallback(queue)).fit()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
     try:
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(lambda: trainer_factory(ProgressCallback(queue)).fit())
-            while True:
-                try:
-                    log(_epoch_line(queue.get(timeout=0.5)))
-                except Empty:
-                    if future.done():
-                        break
-            return future.result()
+        while thread.is_alive() or not queue.empty():
+            try:
+                log(_epoch_line(queue.get(timeout=0.5)))
+            except Empty:
+                pass
     finally:
         queue.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def fit_task(cfg: RunConfig, spec: dict, task, scenario, data_path: str, init_checkpoint, class_index,

@@ -83,6 +83,8 @@ def train_func_per_worker(config: dict):
     rank, task, num_tasks = ctx.get_world_rank(), config["task_index"], config["num_tasks"]
     train, spec = config["train"], config["spec"]
     torch.manual_seed(config["seed"] * 1000 + task)
+    if not train["use_gpu"]:  # one intra-op thread per CPU reserved, not one per core of the node
+        torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
     modalities = spec["modalities"]
     class_index = np.asarray(config["class_index"])  # label -> head index
 
