@@ -118,7 +118,6 @@ def _default_uri() -> str:
 
 def _ui(args) -> int:
     import os
-    import signal
     import subprocess
 
     uri = args.tracking_uri or _default_uri()
@@ -130,9 +129,23 @@ def _ui(args) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's workers are in its process group
-        proc.wait()
+        stop_process_group(proc)
         return 0
+
+
+def stop_process_group(proc, grace_s: float = 10) -> None:
+    """SIGTERM a server started with start_new_session (its workers share its group); SIGKILL after
+    `grace_s`, since uvicorn's graceful shutdown waits for clients to close their connections."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main(argv=None) -> int:

@@ -123,7 +123,6 @@ def fit_with_progress(trainer_factory, log):
 def fit_task(cfg: RunConfig, spec: dict, task, scenario, data_path: str, init_checkpoint, class_index,
              run_dir: Path, verbose: bool, log, held_out_ids: list[str]):
     import ray.data
-    import ray.train
     from ray.data.expressions import col
     from ray.train.torch import TorchConfig, TorchTrainer
 

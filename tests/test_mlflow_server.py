@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from pipeline.cli import main
+from pipeline.cli import main, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,7 @@ def mlflow_server(tmp_path):
             pytest.fail("mlflow server did not start")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server runs its workers in its own process group
-        proc.wait(timeout=30)
+        stop_process_group(proc)
 
 
 def test_sequence_tracked_over_http(ray_local, mlflow_server, tmp_path):
@@ -89,7 +88,7 @@ def test_mmcl_ui_serves_the_store_on_localhost_and_stops_with_ctrl_c(tmp_path):
                 time.sleep(0.5)
         assert response.ok and response.json()["experiments"][0]["name"] == "Default"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=60) == 0
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
     finally:

@@ -140,6 +140,11 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
                                   callbacks=[TrialPrinter(log, cfg.num_tasks)]),
     )
     grid = tuner.fit()
+    # A trial that ASHA stopped was ended mid-sequence: its run says so instead of RUNNING.
+    for run in tracker.client.search_runs([tracker.experiment_id], filter_string=(
+            f"tags.{MLFLOW_PARENT_RUN_ID} = '{sweep_id}' and attributes.status = 'RUNNING'")):
+        tracker.client.set_tag(run.info.run_id, "mmcl.stopped_early", "true")
+        tracker.client.set_terminated(run.info.run_id, "KILLED")
     finished = [r for r in grid if r.error is None and r.metrics.get("task") == cfg.num_tasks]
     failed = [r for r in grid if r.error is not None]
     summary = {"sweep_run_id": sweep_id, "trials": len(grid), "failed": len(failed),
