@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from models.cmoe import LossWeights
+
 
 @dataclass
 class ModelConfig:
@@ -19,17 +21,6 @@ class ModelConfig:
     bottleneck: int = 32
     dropout: float = 0.1
     freeze_per_task: int = 1  # most influential experts frozen after each task
-
-
-@dataclass
-class LossConfig:
-    ce: float = 1.0
-    kd: float = 1.0
-    rel: float = 1.0
-    align: float = 0.1
-    bal: float = 0.01
-    kd_temperature: float = 2.0
-    align_temperature: float = 0.1
 
 
 @dataclass
@@ -64,7 +55,7 @@ class RunConfig:
     output_dir: str = "runs"  # run state, data builds and, by default, the MLflow store
     storage_path: str | None = None  # Ray Train checkpoints; on a cluster a shared path or s3:// URI
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
