@@ -118,12 +118,16 @@ def _default_uri() -> str:
 
 def _ui(args) -> int:
     import os
+    import signal
     import subprocess
 
     uri = args.tracking_uri or _default_uri()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
+    # Ctrl-C and SIGTERM stop the server too, even where a shell started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     try:

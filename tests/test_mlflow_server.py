@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import requests
 
@@ -92,6 +93,8 @@ def test_mmcl_ui_serves_the_store_on_localhost_and_stops_with_ctrl_c(tmp_path):
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the server runs in a session of its own: stop it by its PID too
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
