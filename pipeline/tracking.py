@@ -155,8 +155,11 @@ class Tracker:
         summary = {k: result[k] for k in ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")}
         self.client.log_batch(parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()])
         self.client.log_dict(parent_id, {"acc_matrix": result["acc_matrix"], **summary}, "acc_matrix.json")
+        import matplotlib.pyplot as plt
+
         for name, figure in plots(result["acc_matrix"]).items():
             self.client.log_figure(parent_id, figure, name)
+            plt.close(figure)  # a sweep runs many sequences in one process
         self.client.set_terminated(parent_id, "FINISHED")
 
     def fail_sequence(self, parent_id: str) -> None:
