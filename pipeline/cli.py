@@ -27,6 +27,9 @@ def _run(args) -> int:
     print(f"\nAccuracy matrix (row i: after task i; column j: task j's test rows)\n{format_matrix(result['acc_matrix'])}")
     print(f"average accuracy {result['avg_acc']:.4f}  average incremental accuracy {result['avg_inc_acc']:.4f}  "
           f"forgetting {result['forgetting']:.4f}  ({result['seconds']:.0f}s)")
+    if "avg_acc_only" in result:
+        print("average accuracy with one modality seen: "
+              + "  ".join(f"{m} only {v:.4f}" for m, v in result["avg_acc_only"].items()))
     print(f"MLflow run {result['mlflow_run_id']}; browse with:\n  {ui_command(cfg)}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -66,6 +69,84 @@ def _validate(args) -> int:
     errors = sum(p.level == "error" for p in problems)
     print(f"{args.path}: {table.num_rows} rows, {errors} error(s), {len(problems) - errors} warning(s)")
     return 1 if errors else 0
+
+
+def _build(args) -> int:
+    from pipeline.benchmarks import BENCHMARKS
+    from pipeline.data import DataError
+
+    out = Path(args.out or Path("runs") / "data" / f"{args.name}.parquet")
+    try:
+        kwargs = {"fsdd": args.fsdd} if args.name == "av-digits" and args.fsdd else {}
+        BENCHMARKS[args.name](out, **kwargs)
+    except DataError as e:
+        print(f"mmcl: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.name} written to {out}")
+    return 0
+
+
+def _cache_config(args):
+    overrides = list(args.overrides)
+    for flag, key in (("benchmark", "benchmark"), ("data", "data"), ("dir", "cache.dir")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.config, overrides)
+
+
+def _cache_build(args) -> int:
+    from pipeline.benchmarks import benchmark_path
+    from pipeline.cache import build_features
+    from pipeline.data import DataError, load_data
+    from pipeline.driver import _quiet, init_ray
+    from pipeline.tracking import data_fingerprint
+
+    try:
+        cfg = _cache_config(args)
+        _quiet(args.verbose)
+        path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
+        data = load_data(path)
+        if not data.needs_encoding:
+            print(f"{path}: only vector columns, nothing to encode")
+            return 0
+        init_ray(cfg, args.verbose)
+        build_features(data, data_fingerprint(path), cfg.encoders, cfg.encoder_tokens, cfg.cache_dir(),
+                       cfg.cache.actors, cfg.cache.batch_size)
+    except (ConfigError, DataError) as e:
+        print(f"mmcl: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cache_ls(args) -> int:
+    from pipeline.cache import list_entries
+
+    cfg = _cache_config(args)
+    entries = list_entries(cfg.cache_dir())
+    if not entries:
+        print(f"{cfg.cache_dir()}: no cache entries")
+    for e in entries:
+        m = e["manifest"]
+        size = f"{e['bytes'] / 2**20:.1f} MiB"
+        if m is None:
+            print(f"{e['folder']}  {size}  INCOMPLETE (an interrupted build; never read; `mmcl cache clear` removes it)")
+            continue
+        encoders = ", ".join(f"{c}: {v['encoder']['spec']}" for c, v in m["modalities"].items() if "encoder" in v)
+        print(f"{e['folder']}  {size}  {m['rows']} rows of {m['source']} ({encoders}; "
+              f"{m['modalities'] and next(iter(m['modalities'].values()))['tokens']} tokens) built {m['created']} "
+              f"in {m['seconds']}s")
+    return 0
+
+
+def _cache_clear(args) -> int:
+    from pipeline.cache import clear_entries
+
+    cfg = _cache_config(args)
+    removed = clear_entries(cfg.cache_dir(), args.keys)
+    for folder in removed:
+        print(f"removed {folder}")
+    print(f"{len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} removed from {cfg.cache_dir()}")
+    return 0
 
 
 def _predict(args) -> int:
@@ -181,6 +262,27 @@ def main(argv=None) -> int:
     validate = data.add_parser("validate", help="check a Parquet file or folder against the schema")
     validate.add_argument("path")
     validate.set_defaults(func=_validate)
+    build = data.add_parser("build", help="build a packaged benchmark into the schema")
+    build.add_argument("name", choices=["mfeat", "av-digits"])
+    build.add_argument("--out", help="Parquet file to write (default runs/data/NAME.parquet)")
+    build.add_argument("--fsdd", help="Free Spoken Digit Dataset folder (av-digits; default $MMCL_FSDD_DIR or data/fsdd)")
+    build.set_defaults(func=_build)
+    cache = sub.add_parser("cache", help="the frozen-feature cache").add_subparsers(dest="cache_command", required=True)
+    for name, func, text in (("build", _cache_build, "encode a data set's modalities (once per encoders and data)"),
+                             ("ls", _cache_ls, "list cache entries"), ("clear", _cache_clear, "remove cache entries")):
+        c = cache.add_parser(name, help=text)
+        c.add_argument("--config", help="YAML config (its encoders, encoder_tokens and cache sections)")
+        c.add_argument("--dir", help="cache folder (default: cache.dir, or runs/cache)")
+        if name == "build":
+            c.add_argument("--benchmark")
+            c.add_argument("--data")
+            c.add_argument("--verbose", action="store_true")
+        if name == "clear":
+            c.add_argument("keys", nargs="*", help="entries whose name contains one of these (default: all)")
+            c.set_defaults(overrides=[])
+        else:
+            c.add_argument("overrides", nargs="*", help="config overrides, e.g. encoders.image=timm:resnet18")
+        c.set_defaults(func=func)
     predict = sub.add_parser("predict", help="predict with a registered model version")
     predict.add_argument("--model-uri", required=True, help="e.g. models:/mfeat-cmoe/3")
     predict.add_argument("--input", required=True, help="Parquet file with the model's modality columns")

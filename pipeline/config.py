@@ -44,6 +44,13 @@ class TrackingConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str | None = None  # default: <output_dir>/cache
+    actors: int = 0  # encoder actors in the Ray Data pool; 0: half the cluster's CPUs
+    batch_size: int = 32
+
+
+@dataclass
 class RunConfig:
     benchmark: str = "mfeat"
     data: str | None = None  # a Parquet file or folder in the project's schema, instead of a benchmark
@@ -54,10 +61,16 @@ class RunConfig:
     ray_address: str | None = None
     output_dir: str = "runs"  # run state, data builds and, by default, the MLflow store
     storage_path: str | None = None  # Ray Train checkpoints; on a cluster a shared path or s3:// URI
+    encoders: dict = field(default_factory=dict)  # modality column -> encoder spec (models/encoders)
+    encoder_tokens: int = 4  # tokens each encoder gives the adapter per modality
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def cache_dir(self) -> Path:
+        return Path(self.cache.dir or Path(self.output_dir) / "cache")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,7 +88,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they are written or tracked)."""
         d = self.to_dict()
-        for k in ("ray_address", "output_dir", "storage_path", "tracking"):
+        for k in ("ray_address", "output_dir", "storage_path", "tracking", "cache"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -146,6 +159,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 def _check(cfg: RunConfig) -> None:
     if cfg.scenario not in ("class-il", "domain-il"):
         raise ConfigError(f"scenario must be class-il or domain-il, not '{cfg.scenario}'")
+    if not isinstance(cfg.encoders, dict):
+        raise ConfigError("encoders must map modality columns to encoder specs, e.g. {image: timm:resnet18}")
+    from models.encoders import encoder_kind
+    for column, spec in cfg.encoders.items():
+        try:
+            encoder_kind(str(spec))
+        except ValueError as e:
+            raise ConfigError(f"encoders.{column}: {e}") from None
+    if cfg.encoder_tokens < 1:
+        raise ConfigError("encoder_tokens must be at least 1")
     if cfg.num_tasks < 1:
         raise ConfigError("num_tasks must be at least 1")
     if not 0 <= cfg.train.val_fraction < 1:

@@ -1,9 +1,13 @@
-"""The project's Parquet schema, its validator, and loading a data set for the pipeline.
+"""The project's Parquet schema (docs/data.md), its validator, and loading a data set for the pipeline.
 
 One row per sample: `sample_id`, `label` (int), `label_name`, `domain`, `split` (train|val|test),
-and one column per modality. A modality column is found from its type; here `vector`
-(list<float>, fixed length). Any modality may be null in a row, but not all of them.
+and one column per modality, its kind found from its type: image (encoded image bytes), audio
+(WAV/FLAC/OGG bytes, or float samples in a column named `audio` or `*_audio` with a
+`sample_rate` column), text (string) or vector (list<float>, fixed length). Any modality may be
+null in a row, but not all of them.
 """
+import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REQUIRED = {"sample_id": "string", "label": "integer", "label_name": "string", "domain": "string", "split": "string"}
+RESERVED = {"sample_rate"}  # per-row rate of audio given as samples
+LABELS_METADATA = b"mmcl.labels"  # optional schema metadata: JSON list of label names, index = label
+FEATURES_MANIFEST = "_mmcl_features.json"  # written last into a feature cache folder
+AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb")
 SPLITS = ("train", "val", "test")
 MAX_ROWS_LISTED = 5
 
@@ -38,12 +46,34 @@ class Problem:
         return f"{self.level}: {where}: {self.message}"
 
 
-def modality_kind(dtype: pa.DataType) -> str | None:
-    if (pa.types.is_list(dtype) or pa.types.is_fixed_size_list(dtype) or pa.types.is_large_list(dtype)) and (
-        pa.types.is_floating(dtype.value_type) or pa.types.is_integer(dtype.value_type)
-    ):
-        return "vector"
+def _is_numeric_list(dtype: pa.DataType) -> bool:
+    return (pa.types.is_list(dtype) or pa.types.is_fixed_size_list(dtype) or pa.types.is_large_list(dtype)) and (
+        pa.types.is_floating(dtype.value_type) or pa.types.is_integer(dtype.value_type))
+
+
+def modality_kind(name: str, dtype: pa.DataType, first_value=None) -> str | None:
+    """The modality a column holds, from its type (binary columns: from their first bytes)."""
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "text"
+    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype):
+        return "audio" if first_value is not None and first_value.startswith(AUDIO_MAGIC) else "image"
+    if _is_numeric_list(dtype):
+        return "audio" if name == "audio" or name.endswith("_audio") else "vector"
     return None
+
+
+def modality_columns(table: pa.Table) -> dict[str, str]:
+    """Column -> kind for every modality column of a table (unsupported types are left out)."""
+    out = {}
+    for name in table.column_names:
+        if name in REQUIRED or name in RESERVED:
+            continue
+        first = next((v for v in table[name].drop_null().to_pylist()[:1]), None) if pa.types.is_binary(
+            table.schema.field(name).type) or pa.types.is_large_binary(table.schema.field(name).type) else None
+        kind = modality_kind(name, table.schema.field(name).type, first)
+        if kind:
+            out[name] = kind
+    return out
 
 
 def _type_ok(dtype: pa.DataType, want: str) -> bool:
@@ -56,11 +86,14 @@ def _rows(mask) -> list[int]:
     return np.flatnonzero(np.asarray(mask)).tolist()
 
 
-def validate_table(table: pa.Table, file: str) -> list[Problem]:
-    """Every problem found, each naming the file, column and rows (0-based row numbers)."""
+def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = None) -> list[Problem]:
+    """Every problem found, each naming the file, column and rows (0-based row numbers).
+
+    `kinds` overrides the modality kinds read from the column types (a feature cache's are vectors)."""
     problems: list[Problem] = []
     err = lambda col, rows, msg: problems.append(Problem("error", file, col, rows, msg))  # noqa: E731
     warn = lambda col, rows, msg: problems.append(Problem("warning", file, col, rows, msg))  # noqa: E731
+    ok = set()
     for col, want in REQUIRED.items():
         if col not in table.column_names:
             err(col, [], "required column is missing")
@@ -68,38 +101,38 @@ def validate_table(table: pa.Table, file: str) -> list[Problem]:
             err(col, [], f"must be {want}, found {table.schema.field(col).type}")
         elif table[col].null_count:
             err(col, _rows(table[col].is_null()), "null values in a required column")
-    modalities = []
+        else:
+            ok.add(col)
+    kinds = kinds if kinds is not None else modality_columns(table)
     for col in table.column_names:
-        if col in REQUIRED:
-            continue
-        if modality_kind(table.schema.field(col).type) is None:
-            err(col, [], f"type {table.schema.field(col).type} is not a supported modality (vector: list<float>)")
-            continue
-        modalities.append(col)
+        if col not in REQUIRED and col not in RESERVED and col not in kinds:
+            err(col, [], f"type {table.schema.field(col).type} is not a modality (image or audio: binary; "
+                         "text: string; vector or audio samples: list<float>)")
+    for col, kind in kinds.items():
         arr = table[col].combine_chunks()
-        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
         valid = ~np.asarray(arr.is_null())
-        if valid.any():
-            expected = int(np.bincount(lengths[valid].astype(int)).argmax())
-            bad = valid & (lengths != expected)
-            if bad.any():
-                err(col, _rows(bad), f"vector length differs from the column's {expected}")
-            flat = arr.flatten()
-            if pa.types.is_floating(flat.type):
-                finite = np.isfinite(flat.to_numpy(zero_copy_only=False))
-                if not finite.all():
-                    offsets = np.concatenate([[0], np.cumsum(np.where(valid, lengths, 0))])
-                    row_of = np.searchsorted(offsets, np.flatnonzero(~finite), side="right") - 1
-                    err(col, sorted(set(row_of.tolist())), "NaN or infinite values")
+        if kind == "vector":
+            _check_vectors(arr, valid, col, err)
+        elif kind == "image":
+            _check_decodes(arr, valid, col, err, _decode_image_header)
+        elif kind == "audio":
+            if "sample_rate" not in table.column_names and not pa.types.is_binary(arr.type):
+                err(col, [], "audio given as samples needs a 'sample_rate' column")
+            elif pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+                _check_decodes(arr, valid, col, err, _decode_audio_header)
+            else:
+                _check_vectors(arr, valid, col, err, same_length=False)
         if not valid.all():
             warn(col, _rows(~valid), "modality missing (null); the adapter masks it out")
-    if not modalities:
-        err(None, [], "no modality column (a list<float> vector column) found")
+    if not kinds:
+        err(None, [], "no modality column found")
     elif table.num_rows:
-        none = np.logical_and.reduce([np.asarray(table[c].is_null()) for c in modalities])
+        none = np.logical_and.reduce([np.asarray(table[c].is_null()) for c in kinds])
         if none.any():
             err(None, _rows(none), "every modality is null in these rows")
-    if "split" in table.column_names and _type_ok(table.schema.field("split").type, "string"):
+    if {"label", "label_name"} <= ok:
+        _check_labels(table, err)
+    if "split" in ok:
         splits = np.asarray(table["split"].to_pylist(), dtype=object)
         bad = ~np.isin(splits, SPLITS)
         if bad.any():
@@ -107,17 +140,103 @@ def validate_table(table: pa.Table, file: str) -> list[Problem]:
         for s in ("train", "test"):
             if not (splits == s).any():
                 err("split", [], f"no '{s}' rows")
+        for col, level in (("label", err), ("domain", warn)):
+            if col in ok:  # a class (class-IL) or a domain (domain-IL) without train rows is an empty task
+                values = np.asarray(table[col].to_pylist(), dtype=object)
+                for v in sorted(set(values.tolist()) - set(values[splits == "train"].tolist())):
+                    level(col, _rows(values == v), f"{col} {v!r} has no train rows: its task would be empty")
+                for v in sorted(set(values[splits == "train"].tolist()) - set(values[splits == "test"].tolist())):
+                    warn(col, [], f"{col} {v!r} has no test rows: its accuracy cannot be measured")
     if table.num_rows == 0:
         err(None, [], "the file has no rows")
     return problems
 
 
+def _check_vectors(arr, valid, col, err, same_length=True):
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    if not valid.any():
+        return
+    if same_length:
+        expected = int(np.bincount(lengths[valid].astype(int)).argmax())
+        bad = valid & (lengths != expected)
+        if bad.any():
+            err(col, _rows(bad), f"vector length differs from the column's {expected}")
+    flat = arr.flatten()
+    if pa.types.is_floating(flat.type):
+        finite = np.isfinite(flat.to_numpy(zero_copy_only=False))
+        if not finite.all():
+            offsets = np.concatenate([[0], np.cumsum(np.where(valid, lengths, 0))])
+            row_of = np.searchsorted(offsets, np.flatnonzero(~finite), side="right") - 1
+            err(col, sorted(set(row_of.tolist())), "NaN or infinite values")
+
+
+def _decode_image_header(data: bytes):
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+
+
+def _decode_audio_header(data: bytes):
+    import soundfile
+    samples, _ = soundfile.read(io.BytesIO(data), dtype="float32")
+    if not np.isfinite(samples).all():
+        raise ValueError("NaN or infinite samples")
+
+
+def _check_decodes(arr, valid, col, err, decode):
+    failed, reasons = [], {}
+    for r, value in enumerate(arr.to_pylist()):
+        if value is None:
+            continue
+        try:
+            decode(value)
+        except Exception as e:  # each library raises its own types
+            failed.append(r)
+            reasons.setdefault(type(e).__name__ + ": " + str(e)[:80], r)
+    if failed:
+        err(col, failed, "cannot be decoded (" + "; ".join(list(reasons)[:2]) + ")")
+
+
+def _check_labels(table, err):
+    labels = table["label"].to_numpy(zero_copy_only=False)
+    names = np.asarray(table["label_name"].to_pylist(), dtype=object)
+    if (labels < 0).any():
+        err("label", _rows(labels < 0), "labels must be non-negative integers")
+    meta = (table.schema.metadata or {}).get(LABELS_METADATA)
+    if meta is not None:
+        declared = json.loads(meta)
+        bad = (labels < 0) | (labels >= len(declared))
+        if bad.any():
+            err("label", _rows(bad), f"label outside the declared set 0..{len(declared) - 1} ({LABELS_METADATA.decode()})")
+        named = ~bad
+        wrong = named.copy()
+        wrong[named] = names[named] != np.asarray(declared, dtype=object)[labels[named]]
+        if wrong.any():
+            err("label_name", _rows(wrong), "label_name differs from the declared name of its label")
+        return
+    for label in np.unique(labels):
+        rows = labels == label
+        if len(set(names[rows].tolist())) > 1:
+            err("label_name", _rows(rows), f"label {label} has several names: {sorted(set(names[rows].tolist()))}")
+
+
 @dataclass
 class MultiModalData:
-    """A validated data set held as an Arrow table; modality columns and their feature sizes."""
+    """A validated data set held as an Arrow table.
+
+    `kinds`: modality column -> image|audio|text|vector. `modalities`: column -> per-token feature
+    size, for columns the model reads directly (vectors, or a feature cache's encoded columns,
+    whose rows hold `tokens[column]` tokens back to back).
+    """
     path: str
     table: pa.Table
+    kinds: dict[str, str]
     modalities: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def needs_encoding(self) -> bool:
+        return any(k != "vector" for k in self.kinds.values())
 
     def column(self, name) -> np.ndarray:
         return self.table[name].to_numpy(zero_copy_only=False)
@@ -133,37 +252,52 @@ def read_parquet(path: str | Path) -> pa.Table:
         raise DataError(f"{path}: not a readable Parquet file or folder: {e}") from e
 
 
+def read_manifest(path: str | Path) -> dict | None:
+    """A feature cache folder's manifest, None for anything else."""
+    manifest = Path(path) / FEATURES_MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
 def load_data(path: str | Path) -> MultiModalData:
     table = read_parquet(path)
-    errors = [p for p in validate_table(table, str(path)) if p.level == "error"]
+    manifest = read_manifest(path)
+    encoded = manifest["modalities"] if manifest else None
+    errors = [p for p in validate_table(table, str(path), encoded and {m: "vector" for m in encoded})
+              if p.level == "error"]
     if errors:
         listed = "\n  ".join(map(str, errors))
         raise DataError(f"{path}: {len(errors)} problem(s); run `mmcl data validate {path}` for all:\n  {listed}")
-    modalities = {}
-    for col in table.column_names:
-        if col not in REQUIRED:
-            arr = table[col].drop_null()
-            modalities[col] = len(arr[0]) if len(arr) else 0
-    return MultiModalData(str(path), table, modalities)
+    if encoded:
+        return MultiModalData(str(path), table, {m: e["kind"] for m, e in encoded.items()},
+                              {m: e["dim"] for m, e in encoded.items()}, {m: e["tokens"] for m, e in encoded.items()})
+    kinds = modality_columns(table)
+    vectors = [m for m, k in kinds.items() if k == "vector"]
+    dims = {}
+    for m in vectors:
+        arr = table[m].drop_null()
+        dims[m] = len(arr[0]) if len(arr) else 0
+    return MultiModalData(str(path), table, kinds, dims, {m: 1 for m in vectors})
 
 
 def batch_to_arrays(batch: dict, modalities: dict[str, int]):
     """A batch (column -> numpy) to dense features, a present mask and labels.
 
-    Null modality entries become zeros with present=False.
+    A column whose rows are wider than the modality's feature size holds tokens back to back:
+    it becomes (n, tokens, size). Null modality entries become zeros with present=False.
     """
     n = len(batch["label"])
     feats, present = {}, np.zeros((n, len(modalities)), dtype=bool)
     for i, (m, dim) in enumerate(modalities.items()):
         col = batch[m]
-        out = np.zeros((n, dim), dtype=np.float32)
         if isinstance(col, np.ndarray) and col.dtype != object and col.ndim == 2:
-            out[:] = col
+            out = col.astype(np.float32, copy=False)
             present[:, i] = True
         else:
+            width = next((len(v) for v in col if v is not None), dim)
+            out = np.zeros((n, width), dtype=np.float32)
             for r, v in enumerate(col):
                 if v is not None:
                     out[r] = v
                     present[r, i] = True
-        feats[m] = out
+        feats[m] = out.reshape(n, -1, dim) if out.shape[1] != dim else out
     return feats, present, np.asarray(batch["label"], dtype=np.int64)

@@ -13,6 +13,7 @@ import ray.train
 from ray.train import UserCallback
 
 from pipeline.benchmarks import benchmark_path
+from pipeline.cache import build_features, encoder_specs
 from pipeline.config import RunConfig
 from pipeline.data import load_data
 from pipeline.evaluate import predict, summarize
@@ -166,12 +167,13 @@ def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.nd
     return split, sample_ids[split == "val"].tolist()
 
 
-def accuracy_row(model, columns: dict, rows_per_task: list, upto: int, targets: np.ndarray, modalities) -> list:
+def accuracy_row(model, columns: dict, rows_per_task: list, upto: int, targets: np.ndarray, modalities,
+                 only: str | None = None) -> list:
     """Accuracy on each task 0..upto's rows, with every seen class competing; None for later tasks."""
     row = [None] * len(rows_per_task)
     for j in range(upto + 1):
         rows = rows_per_task[j]
-        pred = predict(model, {k: v[rows] for k, v in columns.items()}, modalities)
+        pred = predict(model, {k: v[rows] for k, v in columns.items()}, modalities, only=only)
         row[j] = float((pred == targets[rows]).mean())
     return row
 
@@ -183,24 +185,31 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     """
     _quiet(verbose)
     started = time.time()
-    data_path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
-    data = load_data(data_path)
+    raw_path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
+    data = load_data(raw_path)
+    fingerprint = data_fingerprint(raw_path)
+    data_path, encoders = raw_path, {}
+    if data.needs_encoding:  # frozen encoders run once per (encoders, data): training reads the cache
+        init_ray(cfg, verbose)
+        encoders = encoder_specs(data, cfg.encoders)
+        data_path = str(build_features(data, fingerprint, cfg.encoders, cfg.encoder_tokens, cfg.cache_dir(),
+                                       cfg.cache.actors, cfg.cache.batch_size, log))
+        data = load_data(data_path)
     labels, domains, split = data.column("label"), data.column("domain").astype(str), data.column("split")
     scenario = make_scenario(cfg.scenario, labels, domains, cfg.num_tasks, cfg.seed)
     class_index = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
     class_index[scenario.class_order] = np.arange(len(scenario.class_order))
-    name = f"{Path(data_path).stem}-{cfg.scenario}-{cfg.method}-seed{cfg.seed}"
+    name = f"{Path(raw_path).stem}-{cfg.scenario}-{cfg.method}-seed{cfg.seed}"
     run_dir = Path(cfg.output_dir) / f"{name}-{cfg.fingerprint()}"
     state = SequenceState.open(run_dir, cfg.fingerprint())
-    spec = {"modalities": data.modalities, "class_order": scenario.class_order,
-            "model": {k: v for k, v in vars(cfg.model).items() if k != "freeze_per_task"}}
+    spec = {"modalities": data.modalities, "class_order": scenario.class_order, "encoders": encoders,
+            "tokens": cfg.encoder_tokens, "model": {k: v for k, v in vars(cfg.model).items() if k != "freeze_per_task"}}
     split, held_out_ids = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction)
     eval_cols = {c: data.column(c) for c in ["label", *data.modalities]}
     eval_rows = {s: [np.flatnonzero((split == s) & scenario.task_mask(t, labels, domains)) for t in scenario.tasks]
                  for s in ("val", "test") if (split == s).any()}
 
     tracker = Tracker(cfg)
-    fingerprint = data_fingerprint(data_path)
     resumed = bool(state.tasks)
     seconds_before = state.data.get("seconds", 0.0)
     state.data["mlflow_run_id"] = tracker.start_sequence(cfg, name, state.data["mlflow_run_id"])
@@ -208,7 +217,7 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     if resumed:
         log(f"Resuming {run_dir}: tasks 0-{len(state.tasks) - 1} already finished")
     try:
-        _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint)
+        _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
         init_ray(cfg, verbose)
         for task in scenario.tasks[len(state.tasks):]:
             log(f"Task {task.index + 1}/{len(scenario.tasks)}: "
@@ -230,11 +239,15 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
             if val_row is not None:
                 entry["val_row"] = val_row
                 entry["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [val_row])
+            if len(data.modalities) > 1 and task.index == len(scenario.tasks) - 1:
+                entry["modality_acc"] = {m: float(np.mean(accuracy_row(model, eval_cols, eval_rows["test"], task.index,
+                                                                       class_index[labels], data.modalities, only=m)))
+                                         for m in data.modalities}
             state.tasks.append(entry)
             state.data["seconds"] = seconds_before + time.time() - started
             state.save()
             log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in row if a is not None)}")
-            _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint)
+            _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
             if on_task_end:
                 on_task_end(entry)
     except BaseException:
@@ -247,13 +260,15 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
               **summarize(matrix), "seconds": seconds, "mlflow_run_id": state.data["mlflow_run_id"]}
     if "val_summary" in state.tasks[-1]:
         result["val"] = state.tasks[-1]["val_summary"]
+    if "modality_acc" in state.tasks[-1]:
+        result["avg_acc_only"] = state.tasks[-1]["modality_acc"]  # average accuracy with one modality seen
     tracker.finish_sequence(state.data["mlflow_run_id"], result)
     state.data["complete"] = True
     state.save()
     return result
 
 
-def _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint) -> None:
+def _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint, features_path) -> None:
     """Child run and registered model version for each finished task not yet in MLflow."""
     for t in state.tasks:
         if t["logged"]:
@@ -265,6 +280,7 @@ def _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint) -
             "mmcl.domains_seen": ",".join(d for u in state.tasks[:i + 1] for d in (u["domains"] or [])),
             "mmcl.continued_from_version": state.tasks[i - 1]["model_version"] if i else "",
             "mmcl.data": data_path, "mmcl.data_fingerprint": fingerprint, "mmcl.config_hash": cfg.fingerprint(),
+            "mmcl.features": features_path if features_path != data_path else "",
             "mmcl.sequence_run_id": state.data["mlflow_run_id"],
         }
         t.update(tracker.log_task(state.data["mlflow_run_id"], t, len(scenario.tasks), t["local"], lineage))

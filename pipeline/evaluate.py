@@ -6,13 +6,17 @@ from pipeline.data import batch_to_arrays
 
 
 @torch.no_grad()
-def predict(model, columns: dict, modalities: dict[str, int], batch_size: int = 512) -> np.ndarray:
-    """Head indices predicted for every row of `columns` (column -> numpy), all seen classes competing."""
+def predict(model, columns: dict, modalities: dict[str, int], batch_size: int = 512, only: str | None = None) -> np.ndarray:
+    """Head indices predicted for every row of `columns` (column -> numpy), all seen classes competing.
+
+    `only`: the one modality the model may see (the others are masked as missing)."""
     model.eval()
     n, out = len(columns["label"]), []
     for lo in range(0, n, batch_size):
         batch = {k: v[lo:lo + batch_size] for k, v in columns.items()}
         feats, present, _ = batch_to_arrays(batch, modalities)
+        if only is not None:
+            present &= np.array([m == only for m in modalities])
         logits = model({m: torch.from_numpy(x) for m, x in feats.items()}, torch.from_numpy(present))["logits"]
         out.append(logits.argmax(-1).numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

@@ -37,12 +37,30 @@ def data_fingerprint(path: str | Path) -> str:
 
 
 class TaskModel(mlflow.pyfunc.PythonModel):
-    """A task's checkpoint as an MLflow pyfunc: a DataFrame with the modality columns in, labels out."""
+    """A task's checkpoint as an MLflow pyfunc: a DataFrame with the modality columns in, labels out.
+
+    Raw images, audio or text are encoded with the encoders the model was trained on."""
 
     def load_context(self, context):
         from pipeline.worker import load_model
 
         self.model, self.spec = load_model(context.artifacts["checkpoint"])
+        self.encoders = {}
+
+    def _encode(self, column: str, values: np.ndarray, rates) -> np.ndarray:
+        from models.encoders import create_encoder
+
+        spec = self.spec.get("encoders", {}).get(column)
+        if spec is None or not any(isinstance(v, (bytes, str)) for v in values):
+            return values  # already features
+        if column not in self.encoders:
+            self.encoders[column] = create_encoder(spec, self.spec["tokens"])
+        encoder, out = self.encoders[column], np.empty(len(values), dtype=object)
+        rows = [i for i, v in enumerate(values) if v is not None]
+        kwargs = {"sample_rates": [rates[i] for i in rows]} if encoder.kind == "audio" and rates is not None else {}
+        for i, e in zip(rows, encoder.encode([values[i] for i in rows], **kwargs) if rows else []):
+            out[i] = e.reshape(-1)
+        return out
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from pipeline.evaluate import predict
@@ -50,7 +68,8 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         missing = [m for m in self.spec["modalities"] if m not in model_input.columns]
         if missing:
             raise ValueError(f"input lacks the model's modality columns: {', '.join(missing)}")
-        columns = {m: model_input[m].to_numpy() for m in self.spec["modalities"]}
+        rates = model_input["sample_rate"].to_numpy() if "sample_rate" in model_input.columns else None
+        columns = {m: self._encode(m, model_input[m].to_numpy(), rates) for m in self.spec["modalities"]}
         columns["label"] = np.zeros(len(model_input), dtype=np.int64)
         index = predict(self.model, columns, self.spec["modalities"])
         order = np.asarray(self.spec["class_order"])
@@ -153,6 +172,7 @@ class Tracker:
 
     def finish_sequence(self, parent_id: str, result: dict) -> None:
         summary = {k: result[k] for k in ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")}
+        summary.update({f"avg_acc_only_{m}": v for m, v in result.get("avg_acc_only", {}).items()})
         self.client.log_batch(parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()])
         self.client.log_dict(parent_id, {"acc_matrix": result["acc_matrix"], **summary}, "acc_matrix.json")
         import matplotlib.pyplot as plt

@@ -62,6 +62,7 @@ def fit_standardizer(model: CMoE, shard, modalities, class_index, batch_size):
         feats, present, _ = to_tensors(batch, modalities, class_index)
         for i, m in enumerate(modalities):
             x = feats[m][present[:, i]].double()
+            x = x.reshape(-1, x.shape[-1])  # tokens share one standardisation
             sums[m] += torch.stack([x.new_full((x.shape[1],), len(x)), x.sum(0), x.pow(2).sum(0)])
     for m, s in sums.items():
         n, total, sq = _all_reduce(s)

@@ -1,5 +1,6 @@
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -17,3 +18,9 @@ def ray_local():
     init_ray(load_config(), verbose=False)
     yield ray
     ray.shutdown()
+
+
+# Tests and CI read the Free Spoken Digit Dataset from the shared folder beside the checkout.
+_SHARED_FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
+if _SHARED_FSDD.is_dir():
+    os.environ.setdefault("MMCL_FSDD_DIR", str(_SHARED_FSDD))

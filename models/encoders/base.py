@@ -1,0 +1,46 @@
+import hashlib
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+
+class Encoder:
+    """A frozen encoder of one modality. `encode(values)` maps raw values (bytes, str or samples)
+    to float32 tokens (B, tokens, dim); `identity` names everything that changes its output."""
+    kind: str
+    dim: int
+    tokens: int
+
+    def encode(self, values: list) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+
+def segment_means(x: np.ndarray, tokens: int) -> np.ndarray:
+    """(L, D) -> (tokens, D): means of `tokens` contiguous, near-equal segments (rows repeat if L < tokens)."""
+    if len(x) < tokens:
+        x = x[np.linspace(0, len(x) - 1, tokens).round().astype(int)]
+    return np.stack([seg.mean(0) for seg in np.array_split(x, tokens)]).astype(np.float32)
+
+
+def file_identity(path: str | Path) -> str:
+    """Size and a hash of the first MiB of a weights file or of each file in a folder: cheap, and
+    changes when the weights do."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as f:
+            h.update(f"{p.name}:{p.stat().st_size}:".encode() + f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"

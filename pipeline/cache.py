@@ -1,0 +1,167 @@
+"""Frozen-feature cache: each (encoders, data) pair is encoded once by a Ray Data actor pool.
+
+A cache entry is a folder of Parquet files in the project's schema, each modality column holding
+its encoder's tokens back to back (float32, tokens x dim), named by a key over the data's
+fingerprint and every encoder's identity. It is built under a temporary name, its manifest is
+written last and the folder renamed into place, so a half-written entry is never read.
+"""
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data import FEATURES_MANIFEST, REQUIRED, DataError, MultiModalData, read_manifest
+
+
+class EncodeBatch:
+    """Ray Data actor: holds the encoders, turns a batch of raw modalities into feature tokens."""
+
+    def __init__(self, specs: dict[str, str], tokens: int, threads: int):
+        import torch
+
+        from models.encoders import create_encoder
+        torch.set_num_threads(threads)
+        self.encoders = {col: create_encoder(spec, tokens) for col, spec in specs.items()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = {c: batch[c] for c in REQUIRED}
+        rates = batch["sample_rate"].to_pylist() if "sample_rate" in batch.column_names else None
+        for col in batch.column_names:
+            if col in REQUIRED or col == "sample_rate":
+                continue
+            if col not in self.encoders:  # a vector: passes through as one token
+                values = batch[col].to_pylist()
+                dim = next((len(v) for v in values if v is not None), 0)
+                out[col] = _fixed_list([None if v is None else np.asarray(v, np.float32) for v in values], dim)
+                continue
+            encoder = self.encoders[col]
+            values = batch[col].to_pylist()
+            present = [i for i, v in enumerate(values) if v is not None]
+            unique = {}  # encode each distinct value once (paired data sets repeat them)
+            for i in present:
+                unique.setdefault(_hashable(values[i]), i)
+            firsts = list(unique.values())
+            kwargs = {"sample_rates": [rates[i] for i in firsts]} if encoder.kind == "audio" and rates else {}
+            encoded = encoder.encode([values[i] for i in firsts], **kwargs) if firsts else []
+            by_value = {k: e.reshape(-1) for k, e in zip(unique, encoded)}
+            rows = [by_value[_hashable(v)] if v is not None else None for v in values]
+            out[col] = _fixed_list(rows, encoder.tokens * encoder.dim)
+        return pa.table(out)
+
+
+def _hashable(value):
+    return value if isinstance(value, (bytes, str)) else tuple(value)
+
+
+def _fixed_list(rows: list, width: int) -> pa.FixedSizeListArray:
+    mask = np.array([r is None for r in rows])
+    flat = np.stack([np.zeros(width, np.float32) if r is None else r for r in rows]) if rows else np.zeros((0, width))
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32).reshape(-1)), width)
+    return pa.FixedSizeListArray.from_arrays(arr.values, width, mask=pa.array(mask)) if mask.any() else arr
+
+
+def encoder_specs(data: MultiModalData, chosen: dict[str, str]) -> dict[str, str]:
+    """Modality column -> encoder spec: the config's choice, else the default for the column's kind."""
+    from models.encoders import DEFAULTS, encoder_kind
+
+    unknown = set(chosen) - set(data.kinds)
+    if unknown:
+        raise DataError(f"encoders given for columns not in {data.path}: {', '.join(sorted(unknown))}")
+    specs = {}
+    for col, kind in data.kinds.items():
+        if kind == "vector":
+            continue
+        spec = chosen.get(col, DEFAULTS[kind])
+        if encoder_kind(spec) != kind:
+            raise DataError(f"{data.path}, column '{col}': encoder '{spec}' is for {encoder_kind(spec)}, "
+                            f"the column holds {kind}")
+        specs[col] = spec
+    return specs
+
+
+def cache_key(data_fingerprint: str, specs: dict[str, str], tokens: int) -> tuple[str, dict]:
+    """The entry's key and the encoders' identities (loading each encoder once to read it)."""
+    from models.encoders import create_encoder
+
+    encoders = {col: create_encoder(spec, tokens) for col, spec in specs.items()}
+    identities = {col: {"spec": specs[col], **e.identity} for col, e in encoders.items()}
+    blob = json.dumps({"data": data_fingerprint, "encoders": identities}, sort_keys=True)
+    dims = {col: e.dim for col, e in encoders.items()}
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], {"identities": identities, "dims": dims}
+
+
+def entry_folder(cache_dir: Path, data_path: str, key: str) -> Path:
+    return Path(cache_dir) / f"{Path(data_path).stem}-{key}"
+
+
+def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str, str], tokens: int,
+                   cache_dir: str | Path, actors: int = 0, batch_size: int = 32, log=print) -> Path:
+    """The cache folder for `data` under its encoders, encoding it first if no complete entry exists."""
+    import ray
+    import ray.data
+
+    specs = encoder_specs(data, chosen)
+    key, info = cache_key(data_fingerprint, specs, tokens)
+    folder = entry_folder(cache_dir, data.path, key)
+    if read_manifest(folder):
+        log(f"Features: cache hit {folder}")
+        return folder
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = actors or max(1, cpus // 2)
+    tmp = Path(cache_dir) / f".building-{folder.name}-{uuid.uuid4().hex[:8]}"
+    log(f"Features: encoding {data.table.num_rows} rows ({', '.join(f'{c}: {s}' for c, s in specs.items())}) "
+        f"with {actors} actor(s) into {folder}")
+    started = time.time()
+    try:
+        blocks = max(4 * actors, data.table.num_rows // (8 * batch_size) or 1)  # one file is one block: spread it
+        ds = ray.data.read_parquet(data.path).repartition(min(blocks, data.table.num_rows)).map_batches(
+            EncodeBatch, fn_constructor_kwargs={"specs": specs, "tokens": tokens, "threads": 1},
+            batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=1)
+        ds.write_parquet(str(tmp))
+        modalities = {c: {"kind": "vector", "dim": len(data.table[c].drop_null()[0]), "tokens": 1}
+                      for c, k in data.kinds.items() if k == "vector"}
+        modalities.update({c: {"kind": data.kinds[c], "dim": info["dims"][c], "tokens": tokens,
+                               "encoder": info["identities"][c]} for c in specs})
+        manifest = {"key": key, "source": str(Path(data.path).resolve()), "source_fingerprint": data_fingerprint,
+                    "rows": data.table.num_rows, "modalities": modalities, "seconds": round(time.time() - started, 1),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / FEATURES_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another build finished first; its entry is as good as ours
+            if not read_manifest(folder):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"Features: {data.table.num_rows} rows encoded in {time.time() - started:.0f}s")
+    return folder
+
+
+def list_entries(cache_dir: str | Path) -> list[dict]:
+    """Complete entries (with their manifests) and unfinished builds (manifest None)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    out = []
+    for folder in sorted(cache_dir.iterdir()):
+        if folder.is_dir():
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            out.append({"folder": str(folder), "manifest": read_manifest(folder), "bytes": size})
+    return out
+
+
+def clear_entries(cache_dir: str | Path, keys: list[str] = ()) -> list[str]:
+    """Removes the entries whose folder name or key matches one of `keys` (all when empty)."""
+    removed = []
+    for entry in list_entries(cache_dir):
+        name = Path(entry["folder"]).name
+        if not keys or any(k in name for k in keys):
+            shutil.rmtree(entry["folder"])
+            removed.append(entry["folder"])
+    return removed
