@@ -86,6 +86,19 @@ def _build(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from pipeline.converters import CONVERTERS
+    from pipeline.data import DataError
+
+    try:
+        out = CONVERTERS[args.name](args.source, args.out)
+    except DataError as e:
+        print(f"mmcl: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.name} from {args.source} written to {out}; check it with `mmcl data validate {out}`")
+    return 0
+
+
 def _cache_config(args):
     overrides = list(args.overrides)
     for flag, key in (("benchmark", "benchmark"), ("data", "data"), ("dir", "cache.dir")):
@@ -267,6 +280,11 @@ def main(argv=None) -> int:
     build.add_argument("--out", help="Parquet file to write (default runs/data/NAME.parquet)")
     build.add_argument("--fsdd", help="Free Spoken Digit Dataset folder (av-digits; default $MMCL_FSDD_DIR or data/fsdd)")
     build.set_defaults(func=_build)
+    convert = data.add_parser("convert", help="convert a downloaded data set from its published layout")
+    convert.add_argument("name", choices=["ave", "uestc-mmea-cl", "samsemo"])
+    convert.add_argument("source", help="the data set's folder, as downloaded")
+    convert.add_argument("--out", required=True, help="Parquet file to write")
+    convert.set_defaults(func=_convert)
     cache = sub.add_parser("cache", help="the frozen-feature cache").add_subparsers(dest="cache_command", required=True)
     for name, func, text in (("build", _cache_build, "encode a data set's modalities (once per encoders and data)"),
                              ("ls", _cache_ls, "list cache entries"), ("clear", _cache_clear, "remove cache entries")):
