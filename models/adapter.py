@@ -41,6 +41,23 @@ class MoEAdapter(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def add_experts(self, n: int) -> None:
+        """Appends `n` new (trainable, zero-output) experts and their router rows."""
+        if n <= 0:
+            return
+        dim, bottleneck = self.router.in_features, self.experts[0].down.out_features
+        device = self.router.weight.device
+        self.experts.extend(Expert(dim, bottleneck).to(device) for _ in range(n))
+        router = nn.Linear(dim, self.num_experts).to(device)
+        with torch.no_grad():
+            router.weight[:-n] = self.router.weight
+            router.bias[:-n] = self.router.bias
+            router.weight[-n:].normal_(0, 0.02)
+            router.bias[-n:] = self.router.bias.mean()
+        self.router = router
+        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(n)])
+        self.routing_mass = torch.cat([self.routing_mass, self.routing_mass.new_zeros(n)])
+
     def route(self, x):
         """Gates (N, E) with exactly top_k non-zeros per row, and the full softmax probabilities."""
         logits = self.router(x)

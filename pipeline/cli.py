@@ -36,6 +36,28 @@ def _run(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pipeline.bench import markdown, run_bench, write_bench
+    from pipeline.data import DataError
+
+    overrides = list(args.overrides)
+    for flag, key in (("benchmark", "benchmark"), ("data", "data"), ("scenario", "scenario"), ("tasks", "num_tasks"),
+                      ("executor", "executor")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    try:
+        cfg = load_config(args.config, overrides)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        summary = run_bench(cfg, methods, args.seeds)
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"mmcl: {e}", file=sys.stderr)
+        return 2
+    out, md = write_bench(summary, args.out)
+    print("\n" + markdown(summary))
+    print(f"written to {out} and {md} ({summary['seconds']:.0f}s)")
+    return 0
+
+
 def _sweep(args) -> int:
     from pipeline.data import DataError
     from tune.sweep import load_sweep, run_sweep
@@ -262,6 +284,19 @@ def main(argv=None) -> int:
     run.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=5 model.num_experts=8")
     run.set_defaults(func=_run)
+    bench = sub.add_parser("bench", help="methods side by side over seeds: JSON and a Markdown table")
+    bench.add_argument("--methods", required=True, help="comma-separated; the first is the paired reference")
+    bench.add_argument("--seeds", type=int, default=3)
+    bench.add_argument("--out", required=True, help="JSON file; the Markdown table goes beside it (.md)")
+    bench.add_argument("--config")
+    bench.add_argument("--benchmark")
+    bench.add_argument("--data")
+    bench.add_argument("--scenario", choices=["class-il", "domain-il"])
+    bench.add_argument("--tasks", type=int)
+    bench.add_argument("--executor", choices=["local", "ray"], default="local",
+                       help="local: sequences in-process, side by side as Ray tasks; ray: Ray Train + DeepSpeed")
+    bench.add_argument("overrides", nargs="*")
+    bench.set_defaults(func=_bench)
     sweep = sub.add_parser("sweep", help="Ray Tune over whole sequences (experts, top-k, loss weights, lr)")
     sweep.add_argument("--config", help="YAML config; its `sweep:` section sets the search")
     sweep.add_argument("--samples", type=int, help="number of trials (default 8)")

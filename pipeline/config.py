@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from models.cmoe import LossWeights
+from models.methods.cmoe import LossWeights
 
 
 @dataclass
@@ -21,6 +21,9 @@ class ModelConfig:
     bottleneck: int = 32
     dropout: float = 0.1
     freeze_per_task: int = 1  # most influential experts frozen after each task
+    experts_per_task: int = 0  # new experts added to every MoE layer at the start of each later task
+    projection: int = 2048  # random ReLU features of the ridge head (ranpac)
+    memory: int = 200  # exemplar rows kept by replay
 
 
 @dataclass
@@ -41,6 +44,7 @@ class TrackingConfig:
     uri: str | None = None  # default: sqlite store under <output_dir>/mlruns
     experiment: str | None = None  # default: the benchmark name
     parent_run_id: str | None = None  # nest the sequence's run under this one (a sweep's)
+    enabled: bool = True  # False: no MLflow at all (benchmarks running many short sequences)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class RunConfig:
     method: str = "cmoe"
     seed: int = 0
     ray_address: str | None = None
+    executor: str = "ray"  # ray: Ray Train + DeepSpeed per task; local: the same loop in this process
     output_dir: str = "runs"  # run state, data builds and, by default, the MLflow store
     storage_path: str | None = None  # Ray Train checkpoints; on a cluster a shared path or s3:// URI
     encoders: dict = field(default_factory=dict)  # modality column -> encoder spec (models/encoders)
@@ -88,7 +93,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they are written or tracked)."""
         d = self.to_dict()
-        for k in ("ray_address", "output_dir", "storage_path", "tracking", "cache"):
+        for k in ("ray_address", "output_dir", "storage_path", "tracking", "cache", "executor"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -147,7 +152,20 @@ def config_from_dict(values: dict, overrides: list[str] = (), where: str = "conf
         node[keys[-1]] = value
     cfg = _build(RunConfig, values, where)
     _check(cfg)
+    _apply_method(cfg)
     return cfg
+
+
+def _apply_method(cfg: RunConfig) -> None:
+    """A method fixes some loss weights and model settings (finetune: no distillation, ...)."""
+    from models.methods import get_method
+    try:
+        method = get_method(cfg.method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for section, forced in (("loss", method.loss), ("model", method.model)):
+        for key, value in forced.items():
+            setattr(getattr(cfg, section), key, value)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -169,6 +187,8 @@ def _check(cfg: RunConfig) -> None:
             raise ConfigError(f"encoders.{column}: {e}") from None
     if cfg.encoder_tokens < 1:
         raise ConfigError("encoder_tokens must be at least 1")
+    if cfg.executor not in ("ray", "local"):
+        raise ConfigError(f"executor must be ray or local, not '{cfg.executor}'")
     if cfg.num_tasks < 1:
         raise ConfigError("num_tasks must be at least 1")
     if not 0 <= cfg.train.val_fraction < 1:

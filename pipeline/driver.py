@@ -12,14 +12,15 @@ import numpy as np
 import ray.train
 from ray.train import UserCallback
 
+from models.methods import get_method
 from pipeline.benchmarks import benchmark_path
 from pipeline.cache import build_features, encoder_specs
 from pipeline.config import RunConfig
 from pipeline.data import load_data
 from pipeline.evaluate import predict, summarize
 from pipeline.scenario import make_scenario
-from pipeline.tracking import Tracker, data_fingerprint
-from pipeline.worker import load_model, train_func_per_worker
+from pipeline.tracking import NoTracker, Tracker, data_fingerprint
+from pipeline.worker import load_model, train_func_per_worker, train_task_local
 
 STATE_FILE = "state.json"
 
@@ -88,6 +89,8 @@ class ProgressCallback(UserCallback):
 
 
 def _epoch_line(m: dict) -> str:
+    if "loss" not in m:
+        return f"  task {m['task'] + 1}/{m['num_tasks']}: head fitted from statistics ({m['seconds']:.1f}s)"
     terms = " ".join(f"{k} {m[k]:.3f}" for k in ("ce", "kd", "rel", "align", "bal") if k in m)
     return (f"  task {m['task'] + 1}/{m['num_tasks']} epoch {m['epoch']}/{m['epochs']} "
             f"loss {m['loss']:.4f} ({terms}) {m['seconds']:.0f}s")
@@ -121,36 +124,46 @@ def fit_with_progress(trainer_factory, log):
     return outcome["result"]
 
 
-def fit_task(cfg: RunConfig, spec: dict, task, scenario, data_path: str, init_checkpoint, class_index,
-             run_dir: Path, verbose: bool, log, held_out_ids: list[str]):
+def task_rows(task, scenario, joint: bool):
+    """(column, values) selecting a task's training rows; with `joint`, every task's so far."""
+    tasks = scenario.tasks[:task.index + 1] if joint else [task]
+    if scenario.kind == "domain-il":
+        return "domain", [d for t in tasks for d in t.domains]
+    return "label", [c for t in tasks for c in t.classes]
+
+
+def task_config(cfg: RunConfig, spec: dict, task, scenario, class_index, verbose: bool) -> dict:
+    return {"task_index": task.index, "num_tasks": len(scenario.tasks), "seed": cfg.seed, "verbose": verbose,
+            "spec": spec, "train": vars(cfg.train), "loss": vars(cfg.loss),
+            "head_size": scenario.head_size_after(task.index), "class_index": class_index.tolist()}
+
+
+def fit_task(cfg: RunConfig, config: dict, rows, data_path: str, init_checkpoint, run_dir: Path, verbose: bool, log,
+             held_out_ids: list[str]):
     import ray.data
     from ray.data.expressions import col
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    rows = (col("split") == "train") & (
-        col("domain").is_in(task.domains) if scenario.kind == "domain-il" else col("label").is_in(task.classes))
+    column, values = rows
+    expr = (col("split") == "train") & col(column).is_in(values)
     if held_out_ids:
-        rows = rows & col("sample_id").not_in(held_out_ids)
-    train = ray.data.read_parquet(data_path).filter(expr=rows).materialize()  # read once, not once per epoch
+        expr = expr & col("sample_id").not_in(held_out_ids)
+    train = ray.data.read_parquet(data_path).filter(expr=expr).materialize()  # read once, not once per epoch
 
     trainer_factory = lambda callback: TorchTrainer(  # noqa: E731
         train_func_per_worker,
-        train_loop_config={
-            "task_index": task.index, "num_tasks": len(scenario.tasks), "seed": cfg.seed, "verbose": verbose,
-            "spec": spec, "train": vars(cfg.train), "loss": vars(cfg.loss), "init_checkpoint": init_checkpoint,
-            "head_size": scenario.head_size_after(task.index), "class_index": class_index.tolist(),
-            "freeze_per_task": cfg.model.freeze_per_task,
-        },
+        train_loop_config={**config, "init_checkpoint": init_checkpoint},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker=None if cfg.train.use_gpu else {"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=f"task-{task.index}", storage_path=cfg.storage_path or str((run_dir / "ray").resolve()),
+            name=f"task-{config['task_index']}", storage_path=cfg.storage_path or str((run_dir / "ray").resolve()),
             callbacks=[callback], logging_config=ray.train.LoggingConfig("INFO" if verbose else "ERROR")),
         datasets={"train": train},
     )
-    return fit_with_progress(trainer_factory, log)
+    result = fit_with_progress(trainer_factory, log)
+    return result.checkpoint, result.metrics["history"]
 
 
 def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray, fraction: float):
@@ -178,6 +191,20 @@ def accuracy_row(model, columns: dict, rows_per_task: list, upto: int, targets: 
     return row
 
 
+def prepare_data(cfg: RunConfig, log=print, verbose: bool = False):
+    """The data the model reads: the file itself, or its features from the cache (encoded first if
+    needed). Returns (data, raw path, raw fingerprint, path read, encoder specs)."""
+    raw_path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
+    data = load_data(raw_path)
+    fingerprint = data_fingerprint(raw_path)
+    if not data.needs_encoding:
+        return data, raw_path, fingerprint, raw_path, {}
+    init_ray(cfg, verbose)  # frozen encoders run once per (encoders, data): training reads the cache
+    features = str(build_features(data, fingerprint, cfg.encoders, cfg.encoder_tokens, cfg.cache_dir(),
+                                  cfg.cache.actors, cfg.cache.batch_size, log))
+    return load_data(features), raw_path, fingerprint, features, encoder_specs(data, cfg.encoders)
+
+
 def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=None) -> dict:
     """Runs (or resumes) the whole sequence and returns the output-contract dict.
 
@@ -185,16 +212,7 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     """
     _quiet(verbose)
     started = time.time()
-    raw_path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
-    data = load_data(raw_path)
-    fingerprint = data_fingerprint(raw_path)
-    data_path, encoders = raw_path, {}
-    if data.needs_encoding:  # frozen encoders run once per (encoders, data): training reads the cache
-        init_ray(cfg, verbose)
-        encoders = encoder_specs(data, cfg.encoders)
-        data_path = str(build_features(data, fingerprint, cfg.encoders, cfg.encoder_tokens, cfg.cache_dir(),
-                                       cfg.cache.actors, cfg.cache.batch_size, log))
-        data = load_data(data_path)
+    data, raw_path, fingerprint, data_path, encoders = prepare_data(cfg, log, verbose)
     labels, domains, split = data.column("label"), data.column("domain").astype(str), data.column("split")
     scenario = make_scenario(cfg.scenario, labels, domains, cfg.num_tasks, cfg.seed)
     class_index = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
@@ -202,14 +220,15 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     name = f"{Path(raw_path).stem}-{cfg.scenario}-{cfg.method}-seed{cfg.seed}"
     run_dir = Path(cfg.output_dir) / f"{name}-{cfg.fingerprint()}"
     state = SequenceState.open(run_dir, cfg.fingerprint())
-    spec = {"modalities": data.modalities, "class_order": scenario.class_order, "encoders": encoders,
-            "tokens": cfg.encoder_tokens, "model": {k: v for k, v in vars(cfg.model).items() if k != "freeze_per_task"}}
+    method = get_method(cfg.method)
+    spec = {"family": method.family, "modalities": data.modalities, "class_order": scenario.class_order,
+            "encoders": encoders, "tokens": cfg.encoder_tokens, "model": vars(cfg.model)}
     split, held_out_ids = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction)
     eval_cols = {c: data.column(c) for c in ["label", *data.modalities]}
     eval_rows = {s: [np.flatnonzero((split == s) & scenario.task_mask(t, labels, domains)) for t in scenario.tasks]
                  for s in ("val", "test") if (split == s).any()}
 
-    tracker = Tracker(cfg)
+    tracker = Tracker(cfg) if cfg.tracking.enabled else NoTracker()
     resumed = bool(state.tasks)
     seconds_before = state.data.get("seconds", 0.0)
     state.data["mlflow_run_id"] = tracker.start_sequence(cfg, name, state.data["mlflow_run_id"])
@@ -218,24 +237,33 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
         log(f"Resuming {run_dir}: tasks 0-{len(state.tasks) - 1} already finished")
     try:
         _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
-        init_ray(cfg, verbose)
+        if cfg.executor == "ray":
+            init_ray(cfg, verbose)
         for task in scenario.tasks[len(state.tasks):]:
             log(f"Task {task.index + 1}/{len(scenario.tasks)}: "
                 + (f"classes {task.classes}" if scenario.kind == "class-il" else f"domains {task.domains}"))
-            prev = state.tasks[-1]["checkpoint"] if state.tasks else None
-            init = ray.train.Checkpoint(prev) if prev else None
-            result = fit_task(cfg, spec, task, scenario, data_path, init, class_index, run_dir, verbose, log,
-                              held_out_ids)
+            config = task_config(cfg, spec, task, scenario, class_index, verbose)
+            rows = task_rows(task, scenario, method.joint)
             local = run_dir / f"task-{task.index}"
-            result.checkpoint.to_directory(str(local))
+            if cfg.executor == "local":
+                mask = (split == "train") & np.isin(data.column(rows[0]), rows[1])
+                history = train_task_local(config, data.table.filter(mask), state.tasks[-1]["local"] if state.tasks
+                                           else None, local, lambda m: log(_epoch_line(m)))
+                checkpoint_path = str(local)
+            else:
+                prev = state.tasks[-1]["checkpoint"] if state.tasks else None
+                checkpoint, history = fit_task(cfg, config, rows, data_path, ray.train.Checkpoint(prev) if prev else None,
+                                               run_dir, verbose, log, held_out_ids)
+                checkpoint.to_directory(str(local))
+                checkpoint_path = checkpoint.path
             model, _ = load_model(local)
             rows = {s: accuracy_row(model, eval_cols, r, task.index, class_index[labels], data.modalities)
                     for s, r in eval_rows.items()}
             row, val_row = rows["test"], rows.get("val")
             matrix = [t["row"] for t in state.tasks] + [row]
             entry = {"index": task.index, "classes": task.classes, "domains": task.domains,
-                     "checkpoint": result.checkpoint.path, "local": str(local), "row": row,
-                     "history": _history(result), "summary": summarize(matrix), "logged": False}
+                     "checkpoint": checkpoint_path, "local": str(local), "row": row,
+                     "history": history, "summary": summarize(matrix), "logged": False}
             if val_row is not None:
                 entry["val_row"] = val_row
                 entry["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [val_row])
@@ -286,8 +314,3 @@ def _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint, f
         t.update(tracker.log_task(state.data["mlflow_run_id"], t, len(scenario.tasks), t["local"], lineage))
         t["logged"] = True
         state.save()
-
-
-def _history(result) -> list[dict]:
-    """Per-epoch metrics, carried whole by the task's last report."""
-    return result.metrics["history"]

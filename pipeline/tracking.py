@@ -212,3 +212,19 @@ def plots(matrix: list[list[float | None]]) -> dict:
     for f in figs.values():
         f.tight_layout()
     return figs
+
+
+class NoTracker:
+    """`tracking.enabled: false`: the same calls, nothing recorded."""
+
+    def start_sequence(self, cfg, run_name, run_id=None):
+        return None
+
+    def log_task(self, parent_id, task, num_tasks, checkpoint_dir, lineage) -> dict:
+        return {"run_id": None, "model_version": ""}
+
+    def finish_sequence(self, parent_id, result) -> None:
+        pass
+
+    def fail_sequence(self, parent_id) -> None:
+        pass

@@ -4,7 +4,7 @@ import torch
 
 from models import losses
 from models.adapter import MMEncoder, MoEAdapter
-from models.cmoe import CMoE, LossWeights
+from models.methods.cmoe import CMoE, LossWeights
 from models.heads import CosineClassifier
 
 DIMS = {"a": 5, "b": 3}
@@ -128,3 +128,56 @@ def test_every_trainable_expert_gets_a_gradient_even_when_no_token_chose_it():
     moe.router.bias.data = torch.tensor([10.0, 0, 0, 0])  # every token goes to expert 0
     moe(torch.randn(5, 8)).sum().backward()
     assert all(p.grad is not None for p in moe.parameters())
+
+
+def _fitted(model, parts):
+    for head_size, (feats, present, targets) in parts:
+        model.begin_task(head_size)
+        model.accumulate(feats, present, targets)
+        model.end_task(lambda t: t)
+    return model
+
+
+def test_ridge_head_learned_task_by_task_equals_the_joint_fit():
+    """RanPAC's head from accumulated statistics is exactly the head fitted on all data at once."""
+    from models.methods.analytic import RidgeHead
+    torch.manual_seed(0)
+    feats, present, _ = batch(n=40, seed=3)
+    targets = torch.arange(40) % 4
+    feats = {m: x + 3 * targets[:, None].float() for m, x in feats.items()}
+    order = targets.argsort(stable=True)
+    first, second = order[:20], order[20:]  # classes 0-1, then 2-3
+    torch.manual_seed(1)
+    sequential = _fitted(RidgeHead(DIMS, projection=64), [
+        (2, ({m: x[first] for m, x in feats.items()}, present[first], targets[first])),
+        (4, ({m: x[second] for m, x in feats.items()}, present[second], targets[second]))])
+    torch.manual_seed(1)
+    joint = _fitted(RidgeHead(DIMS, projection=64), [(4, (feats, present, targets))])
+    assert torch.allclose(sequential.weight, joint.weight, atol=1e-8)
+    assert (sequential(feats, present)["logits"].argmax(-1) == targets).float().mean() > 0.8  # chance 0.25
+
+
+def test_prototype_head_keeps_old_prototypes_when_new_classes_arrive():
+    from models.methods.analytic import PrototypeHead
+    feats, present, _ = batch(n=12, seed=4)
+    targets = torch.arange(12) % 2
+    model = _fitted(PrototypeHead(DIMS), [(2, (feats, present, targets))])
+    before = model.sums.clone()
+    _fitted(model, [(3, (feats, present, torch.full((12,), 2)))])
+    assert torch.equal(model.sums[:2], before) and model.counts.tolist() == [6, 6, 12]
+
+
+def test_experts_added_for_a_new_task_train_and_a_checkpoint_rebuilds_them():
+    model = CMoE(DIMS, num_experts=2, top_k=1, experts_per_task=2, freeze_per_task=2)
+    feats, present, targets = batch(n=16)
+    model.begin_task(3)
+    model.train()
+    model.objective(feats, present, targets, LossWeights())  # routes: some routing mass
+    model.end_task(lambda t: t)
+    model.begin_task(4)
+    moe = model.encoder.moe_layers[0]
+    assert moe.num_experts == 4 and moe.router.out_features == 4 and moe.frozen.tolist()[2:] == [False, False]
+    params = model.trainable_parameters()
+    assert all(not p.requires_grad for e, f in zip(moe.experts, moe.frozen) if f for p in e.parameters())
+    assert any(p is moe.experts[3].down.weight for p in params)
+    CMoE(DIMS, **model.shape_args()).load_state_dict(model.state_dict())  # the grown shapes rebuild

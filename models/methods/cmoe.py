@@ -1,4 +1,4 @@
-"""The project's method: frozen-feature standardiser, cross-modal MoE adapter, growing cosine head."""
+"""The project's method: cross-modal MoE adapter over standardised frozen features, growing cosine head."""
 from dataclasses import dataclass
 
 import torch
@@ -8,29 +8,7 @@ import torch.nn.functional as F
 from models import losses
 from models.adapter import MMEncoder
 from models.heads import CosineClassifier
-
-
-class FeatureStandardizer(nn.Module):
-    """Per-feature standardisation of each modality's frozen features, fitted once (first task)."""
-
-    def __init__(self, modality_dims: dict[str, int]):
-        super().__init__()
-        for m, d in modality_dims.items():
-            self.register_buffer(f"{m}_mean", torch.zeros(d))
-            self.register_buffer(f"{m}_std", torch.ones(d))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-
-    def fit(self, features: dict[str, torch.Tensor], present: torch.Tensor, modalities: list[str]) -> None:
-        for i, m in enumerate(modalities):
-            x = features[m][present[:, i]]
-            x = x.reshape(-1, x.shape[-1])
-            if len(x) > 1:
-                getattr(self, f"{m}_mean").copy_(x.mean(0))
-                getattr(self, f"{m}_std").copy_(x.std(0).clamp_min(1e-6))
-        self.fitted.fill_(True)
-
-    def forward(self, features):
-        return {m: (x - getattr(self, f"{m}_mean")) / getattr(self, f"{m}_std") for m, x in features.items()}
+from models.methods.base import ContinualModel
 
 
 @dataclass
@@ -40,18 +18,39 @@ class LossWeights:
     rel: float = 1.0
     align: float = 0.1
     bal: float = 0.01
+    ewc: float = 0.0  # the ewc baseline's penalty weight
     kd_temperature: float = 2.0
     align_temperature: float = 0.1
 
 
-class CMoE(nn.Module):
-    def __init__(self, modality_dims: dict[str, int], num_classes: int, dim: int = 128, blocks: int = 2,
-                 heads: int = 4, num_experts: int = 4, top_k: int = 2, bottleneck: int = 32, dropout: float = 0.1):
-        super().__init__()
-        self.modalities = list(modality_dims)
-        self.standardizer = FeatureStandardizer(modality_dims)
+class CMoE(ContinualModel):
+    def __init__(self, modality_dims: dict[str, int], num_classes: int = 0, dim: int = 128, blocks: int = 2,
+                 heads: int = 4, num_experts: int = 4, top_k: int = 2, bottleneck: int = 32, dropout: float = 0.1,
+                 freeze_per_task: int = 1, experts_per_task: int = 0):
+        super().__init__(modality_dims)
+        self.freeze_per_task, self.experts_per_task = freeze_per_task, experts_per_task
         self.encoder = MMEncoder(modality_dims, dim, blocks, heads, num_experts, top_k, bottleneck, dropout)
         self.head = CosineClassifier(dim, num_classes)
+
+    @property
+    def head_size(self) -> int:
+        return self.head.num_classes
+
+    def shape_args(self) -> dict:
+        return {"num_classes": self.head_size, "num_experts": self.encoder.moe_layers[0].num_experts}
+
+    def begin_task(self, head_size: int) -> None:
+        later_task = self.head.num_classes > 0
+        self.head.grow(head_size - self.head.num_classes)
+        for moe in self.encoder.moe_layers:
+            if later_task:
+                moe.add_experts(self.experts_per_task)
+            moe.routing_mass.zero_()
+
+    def end_task(self, reduce) -> None:
+        """Routing mass over every worker's data decides which experts this task made influential."""
+        self.freeze_most_used_experts([reduce(m.routing_mass.clone()) for m in self.encoder.moe_layers],
+                                      self.freeze_per_task)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Marks frozen experts `requires_grad=False` and returns what the optimizer may change."""

@@ -1,0 +1,65 @@
+"""Continual-learning methods by name: the project's method, its baselines and its ablations.
+
+A method is a model family plus what it changes in the config (loss weights, model settings)
+and whether each task trains on every task's data so far (`joint`, the upper bound).
+"""
+import inspect
+from dataclasses import dataclass, field
+
+from models.methods.analytic import PrototypeHead, RidgeHead
+from models.methods.base import ContinualModel
+from models.methods.cmoe import CMoE, LossWeights
+from models.methods.regularized import EWC, Replay
+
+FAMILIES = {"cmoe": CMoE, "ridge": RidgeHead, "prototype": PrototypeHead, "ewc": EWC, "replay": Replay}
+GRADIENT_ONLY = {"kd": 0.0, "rel": 0.0, "align": 0.0}
+
+
+@dataclass(frozen=True)
+class Method:
+    family: str
+    description: str
+    loss: dict = field(default_factory=dict)  # LossWeights fields forced by the method
+    model: dict = field(default_factory=dict)  # ModelConfig fields forced by the method
+    joint: bool = False
+
+
+METHODS = {
+    "cmoe": Method("cmoe", "cross-modal MoE adapter, alignment, distillation, relation preservation, expert freezing"),
+    "finetune": Method("cmoe", "the same network trained with cross-entropy only", loss=GRADIENT_ONLY,
+                       model={"freeze_per_task": 0}),
+    "joint": Method("cmoe", "upper bound: each task trains on every task's data so far", loss=GRADIENT_ONLY,
+                    model={"freeze_per_task": 0}, joint=True),
+    "lwf": Method("cmoe", "learning without forgetting: cross-entropy + logit distillation",
+                  loss={"rel": 0.0, "align": 0.0}, model={"freeze_per_task": 0}),
+    "ewc": Method("ewc", "elastic weight consolidation: cross-entropy + Fisher-weighted pull to earlier weights",
+                  loss={**GRADIENT_ONLY, "ewc": 100.0}, model={"freeze_per_task": 0}),
+    "replay": Method("replay", "cross-entropy on each batch joined by rows from a class-balanced buffer (memory)",
+                     loss=GRADIENT_ONLY, model={"freeze_per_task": 0}),
+    "moe-adapters": Method("cmoe", "per-task experts: two new experts each task, the used ones frozen after it; "
+                           "no alignment or preservation", loss=GRADIENT_ONLY,
+                           model={"experts_per_task": 2, "freeze_per_task": 1000}),
+    "simplecil": Method("prototype", "class prototypes on the frozen features, cosine classifier"),
+    "ranpac": Method("ridge", "random ReLU projection + ridge head on accumulated statistics"),
+    "cmoe-no-align": Method("cmoe", "ablation: no alignment loss", loss={"align": 0.0}),
+    "cmoe-no-rel": Method("cmoe", "ablation: no relation preservation", loss={"rel": 0.0}),
+    "cmoe-no-freeze": Method("cmoe", "ablation: no expert freezing", model={"freeze_per_task": 0}),
+    "cmoe-one-adapter": Method("cmoe", "ablation: one adapter instead of a mixture of experts",
+                               model={"num_experts": 1, "top_k": 1, "freeze_per_task": 0}),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+def create_model(family: str, modality_dims: dict[str, int], num_classes: int, model_cfg: dict) -> ContinualModel:
+    """The family's model, given the settings of `model_cfg` that it takes."""
+    cls = FAMILIES[family]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(modality_dims, num_classes, **{k: v for k, v in model_cfg.items() if k in accepted})
+
+
+__all__ = ["METHODS", "ContinualModel", "LossWeights", "Method", "create_model", "get_method"]

@@ -1,0 +1,105 @@
+"""Heads fitted from statistics accumulated task by task: nothing to forget, no gradients.
+
+`RidgeHead` (RanPAC, McDonnell et al. 2023): a fixed random ReLU projection of the standardised,
+pooled frozen features, then ridge regression onto one-hot labels from the running sums
+G = sum(phi phi^T) and C = sum(phi y^T), which is exactly the head joint training would give.
+The ridge strength is chosen each task on about a fifth of the rows (picked by their content, so
+the same rows whatever the batching) held out from the fit, the validation error computed from
+statistics alone; then the head is refitted on all of them.
+`PrototypeHead` (SimpleCIL, Zhou et al. 2023): class means of the same features, cosine logits.
+"""
+import torch
+import torch.nn.functional as F
+
+from models.methods.base import ContinualModel
+
+RIDGE_GRID = tuple(10.0**k for k in range(-2, 7))
+HOLDOUT_EVERY = 5
+
+
+class RidgeHead(ContinualModel):
+    def __init__(self, modality_dims: dict[str, int], num_classes: int = 0, projection: int = 2048):
+        super().__init__(modality_dims)
+        in_dim = sum(modality_dims.values())  # the projection is drawn from torch's seeded global generator
+        self.register_buffer("projection", torch.randn(in_dim, projection) / in_dim**0.5)
+        for name in ("gram", "gram_val"):
+            self.register_buffer(name, torch.zeros(projection, projection, dtype=torch.float64))
+        for name in ("cross", "cross_val", "weight"):
+            self.register_buffer(name, torch.zeros(projection, num_classes, dtype=torch.float64))
+        self.register_buffer("ridge", torch.zeros(()))
+        self._task = None
+
+    @property
+    def head_size(self) -> int:
+        return self.cross.shape[1]
+
+    def begin_task(self, head_size: int) -> None:
+        extra = head_size - self.head_size
+        if extra > 0:
+            for name in ("cross", "cross_val", "weight"):
+                old = getattr(self, name)
+                setattr(self, name, torch.cat([old, old.new_zeros(old.shape[0], extra)], 1))
+        self._task = {k: torch.zeros_like(getattr(self, k)) for k in ("gram", "gram_val", "cross", "cross_val")}
+
+    def features(self, features, present) -> torch.Tensor:
+        return F.relu(self.pooled(features, present) @ self.projection).double()
+
+    def accumulate(self, features, present, targets) -> None:
+        x = self.pooled(features, present)
+        phi = F.relu(x @ self.projection).double()
+        y = F.one_hot(targets, self.head_size).double()
+        holdout = (x.double().sum(1) * 1e3).floor().remainder(HOLDOUT_EVERY) == 0
+        for mask, suffix in ((~holdout, ""), (holdout, "_val")):
+            self._task["gram" + suffix] += phi[mask].T @ phi[mask]
+            self._task["cross" + suffix] += phi[mask].T @ y[mask]
+
+    def end_task(self, reduce) -> None:
+        for name, delta in self._task.items():
+            getattr(self, name).add_(reduce(delta))
+        self._task = None
+        eye = torch.eye(self.gram.shape[0], dtype=torch.float64)
+        best = None
+        for lam in RIDGE_GRID:
+            w = torch.linalg.solve(self.gram + lam * eye, self.cross)
+            error = (w * (self.gram_val @ w)).sum() - 2 * (w * self.cross_val).sum()  # squared error minus a constant
+            if best is None or error < best[0]:
+                best = (error, lam)
+        self.ridge.fill_(best[1])
+        self.weight = torch.linalg.solve(self.gram + self.gram_val + best[1] * eye, self.cross + self.cross_val)
+
+    def forward(self, features, present):
+        return {"logits": (self.features(features, present) @ self.weight).float()}
+
+
+class PrototypeHead(ContinualModel):
+    def __init__(self, modality_dims: dict[str, int], num_classes: int = 0):
+        super().__init__(modality_dims)
+        dim = sum(modality_dims.values())
+        self.register_buffer("sums", torch.zeros(num_classes, dim, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
+        self._task = None
+
+    @property
+    def head_size(self) -> int:
+        return self.sums.shape[0]
+
+    def begin_task(self, head_size: int) -> None:
+        extra = head_size - self.head_size
+        if extra > 0:
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+        self._task = (torch.zeros_like(self.sums), torch.zeros_like(self.counts))
+
+    def accumulate(self, features, present, targets) -> None:
+        x = self.pooled(features, present).double()
+        self._task[0].index_add_(0, targets, x)
+        self._task[1].index_add_(0, targets, torch.ones_like(targets, dtype=torch.float64))
+
+    def end_task(self, reduce) -> None:
+        self.sums.add_(reduce(self._task[0]))
+        self.counts.add_(reduce(self._task[1]))
+        self._task = None
+
+    def forward(self, features, present):
+        prototypes = F.normalize((self.sums / self.counts.clamp_min(1)[:, None]).float(), dim=-1)
+        return {"logits": F.normalize(self.pooled(features, present), dim=-1) @ prototypes.T}

@@ -1,0 +1,125 @@
+"""`mmcl bench`: methods side by side on one benchmark and scenario, over seeds, as JSON and Markdown.
+
+Each (method, seed) is one whole sequence through `run_sequence`. With `executor=local` the
+sequences run in-process, as Ray tasks side by side (one CPU each); with `executor=ray` one after
+another, each task on Ray Train + DeepSpeed. Seeds change the class order and the initialisation.
+"""
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import RunConfig
+from pipeline.driver import _quiet, init_ray, prepare_data, run_sequence
+
+METRICS = ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")
+
+
+def sequence_configs(base: RunConfig, methods: list[str], seeds: int) -> list[RunConfig]:
+    from pipeline.config import _apply_method
+
+    out = []
+    for method in methods:
+        for seed in range(seeds):
+            cfg = copy.deepcopy(base)
+            cfg.method, cfg.seed = method, seed
+            cfg.tracking.enabled = False
+            cfg.output_dir = str(Path(base.output_dir) / "bench")
+            _apply_method(cfg)
+            out.append(cfg)
+    return out
+
+
+def _run_one(cfg: RunConfig) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    return run_sequence(cfg, log=lambda *_: None)
+
+
+def run_bench(base: RunConfig, methods: list[str], seeds: int, log=print) -> dict:
+    _quiet(False)
+    configs = sequence_configs(base, methods, seeds)  # checks every method name first
+    prepare_data(base, log)  # encode once, before sequences run side by side
+    started = time.time()
+    if base.executor == "local":
+        import ray
+        init_ray(base, verbose=False)
+        remote = ray.remote(num_cpus=1)(_run_one)
+        pending = {remote.remote(cfg): cfg for cfg in configs}
+        results = []
+        while pending:
+            done, _ = ray.wait(list(pending))
+            cfg = pending.pop(done[0])
+            results.append(ray.get(done[0]))
+            log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f} "
+                f"({len(results)}/{len(configs)}, {time.time() - started:.0f}s)")
+    else:
+        results = []
+        for cfg in configs:
+            results.append(run_sequence(cfg, log=lambda *_: None))
+            log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f}")
+    return summarize_bench(base, methods, seeds, results, time.time() - started)
+
+
+def summarize_bench(base: RunConfig, methods: list[str], seeds: int, results: list[dict], seconds: float) -> dict:
+    by_method = {m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+    reference = methods[0]
+    rows = []
+    for m in methods:
+        runs = by_method[m]
+        row = {"method": m}
+        for k in METRICS:
+            values = np.array([r[k] for r in runs])
+            row[f"{k}_mean"], row[f"{k}_std"] = float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0)
+        for modality in runs[0].get("avg_acc_only", {}):
+            row[f"avg_acc_only_{modality}_mean"] = float(np.mean([r["avg_acc_only"][modality] for r in runs]))
+        if m != reference:  # paired over seeds: the same class order and initialisation seed
+            diff = np.array([r["avg_acc"] - s["avg_acc"] for r, s in zip(runs, by_method[reference])])
+            row[f"avg_acc_diff_vs_{reference}_mean"] = float(diff.mean())
+            row[f"avg_acc_diff_vs_{reference}_std"] = float(diff.std(ddof=1) if len(diff) > 1 else 0)
+        row["seeds"] = [r["seed"] for r in runs]
+        rows.append(row)
+    return {"benchmark": base.data or base.benchmark, "scenario": base.scenario, "num_tasks": base.num_tasks,
+            "seeds": seeds, "executor": base.executor, "reference": reference, "seconds": seconds, "rows": rows,
+            "runs": [{k: r[k] for k in ("method", "seed", "acc_matrix", *METRICS)} for r in results]}
+
+
+def paired_verdict(row: dict, reference: str) -> str:
+    """`win`/`loss` when the mean paired difference exceeds its spread over seeds, else `tie`."""
+    key = f"avg_acc_diff_vs_{reference}"
+    if f"{key}_mean" not in row:
+        return "reference"
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if abs(mean) <= max(std, 1e-9):
+        return "tie"
+    return "better" if mean > 0 else "worse"
+
+
+def markdown(summary: dict) -> str:
+    ref = summary["reference"]
+    modalities = sorted({k[len("avg_acc_only_"):-len("_mean")] for r in summary["rows"] for k in r
+                         if k.startswith("avg_acc_only_")})
+    head = ["method", "avg acc", "avg inc acc", "forgetting", "bwt", *[f"{m} only" for m in modalities],
+            f"vs {ref} (paired)", "seconds"]
+    lines = [f"{summary['benchmark']}, {summary['scenario']}, {summary['num_tasks']} tasks, "
+             f"{summary['seeds']} seeds (mean ± std), executor {summary['executor']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        pm = lambda k: f"{r[k + '_mean']:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
+        diff = (f"{r[f'avg_acc_diff_vs_{ref}_mean']:+.3f} ± {r[f'avg_acc_diff_vs_{ref}_std']:.3f} "
+                f"{paired_verdict(r, ref)}" if r["method"] != ref else "-")
+        cells = [r["method"], pm("avg_acc"), f"{r['avg_inc_acc_mean']:.3f}", pm("forgetting"), f"{r['bwt_mean']:+.3f}",
+                 *[f"{r[f'avg_acc_only_{m}_mean']:.3f}" for m in modalities], diff, f"{r['seconds_mean']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_bench(summary: dict, out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    md = out.with_suffix(".md")
+    md.write_text(markdown(summary))
+    return out, md
