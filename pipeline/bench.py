@@ -11,21 +11,23 @@ from pathlib import Path
 
 import numpy as np
 
+from models.methods import get_method
 from pipeline.config import RunConfig
 from pipeline.driver import _quiet, init_ray, prepare_data, run_sequence
 
 METRICS = ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")
 
 
-def sequence_configs(base: RunConfig, methods: list[str], seeds: int) -> list[RunConfig]:
+def sequence_configs(base: RunConfig, methods: list[str], seeds: int, data_path: str) -> list[RunConfig]:
     from pipeline.config import _apply_method
 
     out = []
     for method in methods:
         for seed in range(seeds):
             cfg = copy.deepcopy(base)
-            cfg.method, cfg.seed = method, seed
+            cfg.method, cfg.seed, cfg.data = method, seed, data_path
             cfg.tracking.enabled = False
+            cfg.cache.dir = str(base.cache_dir())
             cfg.output_dir = str(Path(base.output_dir) / "bench")
             _apply_method(cfg)
             out.append(cfg)
@@ -40,8 +42,10 @@ def _run_one(cfg: RunConfig) -> dict:
 
 def run_bench(base: RunConfig, methods: list[str], seeds: int, log=print) -> dict:
     _quiet(False)
-    configs = sequence_configs(base, methods, seeds)  # checks every method name first
-    prepare_data(base, log)  # encode once, before sequences run side by side
+    for m in methods:
+        get_method(m)
+    raw_path = prepare_data(base, log)[1]  # build and encode once, before sequences run side by side
+    configs = sequence_configs(base, methods, seeds, str(Path(raw_path).resolve()))
     started = time.time()
     if base.executor == "local":
         import ray
@@ -81,7 +85,7 @@ def summarize_bench(base: RunConfig, methods: list[str], seeds: int, results: li
             row[f"avg_acc_diff_vs_{reference}_std"] = float(diff.std(ddof=1) if len(diff) > 1 else 0)
         row["seeds"] = [r["seed"] for r in runs]
         rows.append(row)
-    return {"benchmark": base.data or base.benchmark, "scenario": base.scenario, "num_tasks": base.num_tasks,
+    return {"benchmark": Path(base.data).stem if base.data else base.benchmark, "scenario": base.scenario, "num_tasks": base.num_tasks,
             "seeds": seeds, "executor": base.executor, "reference": reference, "seconds": seconds, "rows": rows,
             "runs": [{k: r[k] for k in ("method", "seed", "acc_matrix", *METRICS)} for r in results]}
 
@@ -92,7 +96,9 @@ def paired_verdict(row: dict, reference: str) -> str:
     if f"{key}_mean" not in row:
         return "reference"
     mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-    if abs(mean) <= max(std, 1e-9):
+    if len(row["seeds"]) < 2:
+        return "(one seed)"
+    if abs(mean) <= std:
         return "tie"
     return "better" if mean > 0 else "worse"
 

@@ -60,7 +60,7 @@ def _write(columns: dict, out: Path) -> Path:
     names = [str(c) for c in range(10)]
     table = pa.table(columns).replace_schema_metadata({LABELS_METADATA: json.dumps(names).encode()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # concurrent builders each write their own, then one wins
     pq.write_table(table, tmp)
     tmp.replace(out)
     return out

@@ -22,7 +22,9 @@ class ModelConfig:
     dropout: float = 0.1
     freeze_per_task: int = 1  # most influential experts frozen after each task
     experts_per_task: int = 0  # new experts added to every MoE layer at the start of each later task
-    projection: int = 2048  # random ReLU features of the ridge head (ranpac)
+    head: str = "analytic"  # cmoe's classifier: analytic (ridge on accumulated statistics) or cosine (gradient)
+    adapt_tasks: int = 1  # with the analytic head: tasks during which the adapter trains
+    projection: int = 2048  # random ReLU features of the ridge heads
     memory: int = 200  # exemplar rows kept by replay
 
 

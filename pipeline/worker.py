@@ -59,7 +59,7 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def fit_standardizer(model: ContinualModel, batches, modalities, class_index, device="cpu"):
-    """First task only: per-feature mean and std over every worker's rows (all-reduced sums)."""
+    """First task only: per-feature mean and variance over every worker's rows (all-reduced sums)."""
     sums = {m: torch.zeros(3, d, dtype=torch.float64, device=device) for m, d in modalities.items()}
     for batch in batches():
         feats, present, _ = to_tensors(batch, modalities, class_index, device)
@@ -70,9 +70,7 @@ def fit_standardizer(model: ContinualModel, batches, modalities, class_index, de
     for m, s in sums.items():
         n, total, sq = all_reduce(s)
         mean = total / n.clamp_min(1)
-        std = (sq / n.clamp_min(1) - mean**2).clamp_min(0).sqrt()
-        getattr(model.standardizer, f"{m}_mean").copy_(mean.float())
-        getattr(model.standardizer, f"{m}_std").copy_(std.float().clamp_min(1e-6))
+        model.standardizer.set(m, mean, (sq / n.clamp_min(1) - mean**2).clamp_min(0))
     model.standardizer.fitted.fill_(True)
 
 

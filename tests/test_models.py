@@ -153,7 +153,7 @@ def test_ridge_head_learned_task_by_task_equals_the_joint_fit():
         (4, ({m: x[second] for m, x in feats.items()}, present[second], targets[second]))])
     torch.manual_seed(1)
     joint = _fitted(RidgeHead(DIMS, projection=64), [(4, (feats, present, targets))])
-    assert torch.allclose(sequential.weight, joint.weight, atol=1e-8)
+    assert torch.allclose(sequential.ridge.weight, joint.ridge.weight, atol=1e-8)
     assert (sequential(feats, present)["logits"].argmax(-1) == targets).float().mean() > 0.8  # chance 0.25
 
 
@@ -168,7 +168,7 @@ def test_prototype_head_keeps_old_prototypes_when_new_classes_arrive():
 
 
 def test_experts_added_for_a_new_task_train_and_a_checkpoint_rebuilds_them():
-    model = CMoE(DIMS, num_experts=2, top_k=1, experts_per_task=2, freeze_per_task=2)
+    model = CMoE(DIMS, num_experts=2, top_k=1, experts_per_task=2, freeze_per_task=2, head="cosine")
     feats, present, targets = batch(n=16)
     model.begin_task(3)
     model.train()
@@ -180,4 +180,4 @@ def test_experts_added_for_a_new_task_train_and_a_checkpoint_rebuilds_them():
     params = model.trainable_parameters()
     assert all(not p.requires_grad for e, f in zip(moe.experts, moe.frozen) if f for p in e.parameters())
     assert any(p is moe.experts[3].down.weight for p in params)
-    CMoE(DIMS, **model.shape_args()).load_state_dict(model.state_dict())  # the grown shapes rebuild
+    CMoE(DIMS, head="cosine", **model.shape_args()).load_state_dict(model.state_dict())  # grown shapes rebuild

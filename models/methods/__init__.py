@@ -13,6 +13,7 @@ from models.methods.regularized import EWC, Replay
 
 FAMILIES = {"cmoe": CMoE, "ridge": RidgeHead, "prototype": PrototypeHead, "ewc": EWC, "replay": Replay}
 GRADIENT_ONLY = {"kd": 0.0, "rel": 0.0, "align": 0.0}
+COSINE = {"head": "cosine", "freeze_per_task": 0}  # the baselines' gradient-trained growing head
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,20 @@ class Method:
 
 
 METHODS = {
-    "cmoe": Method("cmoe", "cross-modal MoE adapter, alignment, distillation, relation preservation, expert freezing"),
-    "finetune": Method("cmoe", "the same network trained with cross-entropy only", loss=GRADIENT_ONLY,
-                       model={"freeze_per_task": 0}),
+    "cmoe": Method("cmoe", "cross-modal MoE adapter (alignment, load balancing) adapted on the first task; "
+                           "analytic head over [frozen features, adapter output]"),
+    "finetune": Method("cmoe", "the same network trained with cross-entropy only", loss=GRADIENT_ONLY, model=COSINE),
     "joint": Method("cmoe", "upper bound: each task trains on every task's data so far", loss=GRADIENT_ONLY,
-                    model={"freeze_per_task": 0}, joint=True),
+                    model=COSINE, joint=True),
     "lwf": Method("cmoe", "learning without forgetting: cross-entropy + logit distillation",
-                  loss={"rel": 0.0, "align": 0.0}, model={"freeze_per_task": 0}),
+                  loss={"rel": 0.0, "align": 0.0}, model=COSINE),
     "ewc": Method("ewc", "elastic weight consolidation: cross-entropy + Fisher-weighted pull to earlier weights",
-                  loss={**GRADIENT_ONLY, "ewc": 100.0}, model={"freeze_per_task": 0}),
+                  loss={**GRADIENT_ONLY, "ewc": 100.0}, model=COSINE),
     "replay": Method("replay", "cross-entropy on each batch joined by rows from a class-balanced buffer (memory)",
-                     loss=GRADIENT_ONLY, model={"freeze_per_task": 0}),
+                     loss=GRADIENT_ONLY, model=COSINE),
     "moe-adapters": Method("cmoe", "per-task experts: two new experts each task, the used ones frozen after it; "
                            "no alignment or preservation", loss=GRADIENT_ONLY,
-                           model={"experts_per_task": 2, "freeze_per_task": 1000}),
+                           model={**COSINE, "experts_per_task": 2, "freeze_per_task": 1000}),
     "simplecil": Method("prototype", "class prototypes on the frozen features, cosine classifier"),
     "ranpac": Method("ridge", "random ReLU projection + ridge head on accumulated statistics"),
     "cmoe-no-align": Method("cmoe", "ablation: no alignment loss", loss={"align": 0.0}),
@@ -46,6 +47,10 @@ METHODS = {
     "cmoe-no-freeze": Method("cmoe", "ablation: no expert freezing", model={"freeze_per_task": 0}),
     "cmoe-one-adapter": Method("cmoe", "ablation: one adapter instead of a mixture of experts",
                                model={"num_experts": 1, "top_k": 1, "freeze_per_task": 0}),
+    "cmoe-cosine-head": Method("cmoe", "ablation: the paper's gradient-trained cosine head, adapter training all tasks",
+                               model={"head": "cosine"}),
+    "cmoe-adapt-all": Method("cmoe", "ablation: analytic head, adapter (frozen experts aside) training every task",
+                             model={"adapt_tasks": 1000}),
 }
 
 
@@ -58,7 +63,7 @@ def get_method(name: str) -> Method:
 def create_model(family: str, modality_dims: dict[str, int], num_classes: int, model_cfg: dict) -> ContinualModel:
     """The family's model, given the settings of `model_cfg` that it takes."""
     cls = FAMILIES[family]
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
     return cls(modality_dims, num_classes, **{k: v for k, v in model_cfg.items() if k in accepted})
 
 

@@ -9,6 +9,7 @@ statistics alone; then the head is refitted on all of them.
 `PrototypeHead` (SimpleCIL, Zhou et al. 2023): class means of the same features, cosine logits.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from models.methods.base import ContinualModel
@@ -17,10 +18,11 @@ RIDGE_GRID = tuple(10.0**k for k in range(-2, 7))
 HOLDOUT_EVERY = 5
 
 
-class RidgeHead(ContinualModel):
-    def __init__(self, modality_dims: dict[str, int], num_classes: int = 0, projection: int = 2048):
-        super().__init__(modality_dims)
-        in_dim = sum(modality_dims.values())  # the projection is drawn from torch's seeded global generator
+class RidgeStatistics(nn.Module):
+    """A random ReLU projection of input vectors and a ridge head fitted from running sums."""
+
+    def __init__(self, in_dim: int, projection: int, num_classes: int = 0):
+        super().__init__()  # the projection is drawn from torch's seeded global generator
         self.register_buffer("projection", torch.randn(in_dim, projection) / in_dim**0.5)
         for name in ("gram", "gram_val"):
             self.register_buffer(name, torch.zeros(projection, projection, dtype=torch.float64))
@@ -30,24 +32,23 @@ class RidgeHead(ContinualModel):
         self._task = None
 
     @property
-    def head_size(self) -> int:
+    def num_classes(self) -> int:
         return self.cross.shape[1]
 
     def begin_task(self, head_size: int) -> None:
-        extra = head_size - self.head_size
+        extra = head_size - self.num_classes
         if extra > 0:
             for name in ("cross", "cross_val", "weight"):
                 old = getattr(self, name)
                 setattr(self, name, torch.cat([old, old.new_zeros(old.shape[0], extra)], 1))
         self._task = {k: torch.zeros_like(getattr(self, k)) for k in ("gram", "gram_val", "cross", "cross_val")}
 
-    def features(self, features, present) -> torch.Tensor:
-        return F.relu(self.pooled(features, present) @ self.projection).double()
+    def features(self, x) -> torch.Tensor:
+        return F.relu(x @ self.projection).double()
 
-    def accumulate(self, features, present, targets) -> None:
-        x = self.pooled(features, present)
-        phi = F.relu(x @ self.projection).double()
-        y = F.one_hot(targets, self.head_size).double()
+    def accumulate(self, x, targets) -> None:
+        phi = self.features(x)
+        y = F.one_hot(targets, self.num_classes).double()
         holdout = (x.double().sum(1) * 1e3).floor().remainder(HOLDOUT_EVERY) == 0
         for mask, suffix in ((~holdout, ""), (holdout, "_val")):
             self._task["gram" + suffix] += phi[mask].T @ phi[mask]
@@ -57,7 +58,7 @@ class RidgeHead(ContinualModel):
         for name, delta in self._task.items():
             getattr(self, name).add_(reduce(delta))
         self._task = None
-        eye = torch.eye(self.gram.shape[0], dtype=torch.float64)
+        eye = torch.eye(self.gram.shape[0], dtype=torch.float64, device=self.gram.device)
         best = None
         for lam in RIDGE_GRID:
             w = torch.linalg.solve(self.gram + lam * eye, self.cross)
@@ -67,8 +68,30 @@ class RidgeHead(ContinualModel):
         self.ridge.fill_(best[1])
         self.weight = torch.linalg.solve(self.gram + self.gram_val + best[1] * eye, self.cross + self.cross_val)
 
+    def forward(self, x):
+        return (self.features(x) @ self.weight).float()
+
+
+class RidgeHead(ContinualModel):
+    def __init__(self, modality_dims: dict[str, int], num_classes: int = 0, projection: int = 2048):
+        super().__init__(modality_dims)
+        self.ridge = RidgeStatistics(sum(modality_dims.values()), projection, num_classes)
+
+    @property
+    def head_size(self) -> int:
+        return self.ridge.num_classes
+
+    def begin_task(self, head_size: int) -> None:
+        self.ridge.begin_task(head_size)
+
+    def accumulate(self, features, present, targets) -> None:
+        self.ridge.accumulate(self.pooled(features, present), targets)
+
+    def end_task(self, reduce) -> None:
+        self.ridge.end_task(reduce)
+
     def forward(self, features, present):
-        return {"logits": (self.features(features, present) @ self.weight).float()}
+        return {"logits": self.ridge(self.pooled(features, present))}
 
 
 class PrototypeHead(ContinualModel):

@@ -1,4 +1,13 @@
-"""The project's method: cross-modal MoE adapter over standardised frozen features, growing cosine head."""
+"""The project's method: a cross-modal MoE adapter over standardised frozen features.
+
+The classifier (`head`) is either `analytic` (default): a ridge head over a random ReLU
+projection of [the pooled frozen features, the adapter's fused vector z], fitted from statistics
+accumulated task by task, so it keeps every class's decision statistics exactly; or `cosine`: a
+growing cosine classifier trained by gradient (the literal reading of the paper, which forgets).
+With the analytic head the adapter learns during the first `adapt_tasks` tasks (with a cosine
+head as its training signal) and is then frozen, since features that keep moving would
+invalidate the statistics already accumulated (DESIGN.md section 5).
+"""
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +17,7 @@ import torch.nn.functional as F
 from models import losses
 from models.adapter import MMEncoder
 from models.heads import CosineClassifier
+from models.methods.analytic import RidgeStatistics
 from models.methods.base import ContinualModel
 
 
@@ -26,11 +36,17 @@ class LossWeights:
 class CMoE(ContinualModel):
     def __init__(self, modality_dims: dict[str, int], num_classes: int = 0, dim: int = 128, blocks: int = 2,
                  heads: int = 4, num_experts: int = 4, top_k: int = 2, bottleneck: int = 32, dropout: float = 0.1,
-                 freeze_per_task: int = 1, experts_per_task: int = 0):
+                 freeze_per_task: int = 1, experts_per_task: int = 0, head: str = "analytic", adapt_tasks: int = 1,
+                 projection: int = 2048):
         super().__init__(modality_dims)
-        self.freeze_per_task, self.experts_per_task = freeze_per_task, experts_per_task
+        if head not in ("analytic", "cosine"):
+            raise ValueError(f"head must be analytic or cosine, not '{head}'")
+        self.freeze_per_task, self.experts_per_task, self.adapt_tasks = freeze_per_task, experts_per_task, adapt_tasks
         self.encoder = MMEncoder(modality_dims, dim, blocks, heads, num_experts, top_k, bottleneck, dropout)
         self.head = CosineClassifier(dim, num_classes)
+        self.ridge = RidgeStatistics(sum(modality_dims.values()) + dim, projection, num_classes) \
+            if head == "analytic" else None
+        self.register_buffer("tasks_done", torch.zeros((), dtype=torch.long))
 
     @property
     def head_size(self) -> int:
@@ -42,6 +58,8 @@ class CMoE(ContinualModel):
     def begin_task(self, head_size: int) -> None:
         later_task = self.head.num_classes > 0
         self.head.grow(head_size - self.head.num_classes)
+        if self.ridge is not None:
+            self.ridge.begin_task(head_size)
         for moe in self.encoder.moe_layers:
             if later_task:
                 moe.add_experts(self.experts_per_task)
@@ -51,9 +69,25 @@ class CMoE(ContinualModel):
         """Routing mass over every worker's data decides which experts this task made influential."""
         self.freeze_most_used_experts([reduce(m.routing_mass.clone()) for m in self.encoder.moe_layers],
                                       self.freeze_per_task)
+        if self.ridge is not None:
+            self.ridge.end_task(reduce)
+        self.tasks_done += 1
+
+    def accumulate(self, features, present, targets) -> None:
+        if self.ridge is not None:
+            self.ridge.accumulate(self.ridge_input(features, present), targets)
+
+    def ridge_input(self, features, present, z=None):
+        if z is None:
+            z = self.forward_features(features, present)[1]
+        return torch.cat([self.pooled(features, present), z], 1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Marks frozen experts `requires_grad=False` and returns what the optimizer may change."""
+        """Marks frozen experts `requires_grad=False` and returns what the optimizer may change:
+        nothing once an analytic head's adapter has had its `adapt_tasks`."""
+        if self.ridge is not None and int(self.tasks_done) >= self.adapt_tasks:
+            self.requires_grad_(False)
+            return []
         for moe in self.encoder.moe_layers:
             for expert, frozen in zip(moe.experts, moe.frozen.tolist()):
                 expert.requires_grad_(not frozen)
@@ -72,13 +106,17 @@ class CMoE(ContinualModel):
         return self.encoder(self.standardizer(features), present)
 
     def forward(self, features, present):
+        """`logits` classify (the analytic head once fitted); `cosine_logits` train the adapter."""
         z_m, z = self.forward_features(features, present)
-        return {"logits": self.head(z), "z": z, "z_m": z_m}
+        cosine = self.head(z)
+        logits = cosine if self.ridge is None or not int(self.tasks_done) else self.ridge(
+            self.ridge_input(features, present, z))
+        return {"logits": logits, "cosine_logits": cosine, "z": z, "z_m": z_m}
 
     def objective(self, features, present, targets, w: LossWeights, old_model=None, seen_before: int = 0):
         """Loss terms for one batch. `targets` index the head; classes < seen_before are old."""
         out = self(features, present)
-        terms = {"ce": F.cross_entropy(out["logits"], targets)}
+        terms = {"ce": F.cross_entropy(out["cosine_logits"], targets)}
         if w.align:
             terms["align"] = losses.alignment(out["z_m"], present, w.align_temperature)
         if w.bal:
@@ -87,7 +125,8 @@ class CMoE(ContinualModel):
             with torch.no_grad():
                 old = old_model(features, present)
             if w.kd and seen_before:
-                terms["kd"] = losses.distillation(out["logits"], old["logits"][:, :seen_before], w.kd_temperature)
+                terms["kd"] = losses.distillation(out["cosine_logits"], old["cosine_logits"][:, :seen_before],
+                                                  w.kd_temperature)
             if w.rel:
                 new_r = torch.cat([out["z_m"].transpose(0, 1), out["z"][None]])
                 old_r = torch.cat([old["z_m"].transpose(0, 1), old["z"][None]])
