@@ -56,6 +56,40 @@ def build_mfeat(out: Path, test_per_class: int = 50) -> Path:
     return _write(columns, out)
 
 
+MFEAT_DOMAINS = ("clean", "noisy", "coarse", "two-views-missing")
+
+
+def build_mfeat_domains(out: Path) -> Path:
+    """mfeat for domain-IL: the same rows and split, each row (balanced per digit, seed 1) in one of
+    four domains with a fixed corruption of its views:
+    clean; noisy (Gaussian noise of 0.5 x each feature's std); coarse (each feature rounded to
+    1/2 of its std); two-views-missing (the pixel and Fourier views null).
+    """
+    clean = out.with_name("mfeat.parquet")
+    table = pq.read_table(clean if clean.is_file() else build_mfeat(clean))
+    labels = table["label"].to_numpy()
+    rng = np.random.default_rng(1)
+    domain = np.empty(len(labels), dtype=object)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        for i, chunk in enumerate(np.array_split(rows, len(MFEAT_DOMAINS))):
+            domain[chunk] = MFEAT_DOMAINS[i]
+    columns = {k: table[k] for k in ("sample_id", "label", "label_name", "split")}
+    columns["domain"] = pa.array(domain.tolist())
+    for view in MFEAT_VIEWS:
+        x = np.stack(table[view].to_numpy(zero_copy_only=False)).astype(np.float32)
+        std = x.std(0) + 1e-6
+        noisy, coarse = domain == "noisy", domain == "coarse"
+        x[noisy] += rng.normal(0, 0.5, (noisy.sum(), x.shape[1])).astype(np.float32) * std
+        x[coarse] = np.round(x[coarse] / (0.5 * std)) * (0.5 * std)
+        if view in ("pix", "fou"):  # plain lists: Parquet cannot read back fixed-size lists with nulls
+            missing = domain == "two-views-missing"
+            columns[view] = pa.array([None if m else row for m, row in zip(missing, x)], type=pa.list_(pa.float32()))
+        else:
+            columns[view] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    return _write(columns, out)
+
+
 def _write(columns: dict, out: Path) -> Path:
     names = [str(c) for c in range(10)]
     table = pa.table(columns).replace_schema_metadata({LABELS_METADATA: json.dumps(names).encode()})
@@ -157,7 +191,7 @@ def build_av_digits(out: Path, fsdd: str | Path | None = None, max_index: int = 
     return _write(columns, out)
 
 
-BENCHMARKS = {"mfeat": build_mfeat, "av-digits": build_av_digits}
+BENCHMARKS = {"mfeat": build_mfeat, "mfeat-domains": build_mfeat_domains, "av-digits": build_av_digits}
 
 
 def benchmark_path(name: str, data_dir: str | Path) -> Path:

@@ -22,12 +22,13 @@ from pipeline.data import FEATURES_MANIFEST, REQUIRED, DataError, MultiModalData
 class EncodeBatch:
     """Ray Data actor: holds the encoders, turns a batch of raw modalities into feature tokens."""
 
-    def __init__(self, specs: dict[str, str], tokens: int, threads: int):
+    def __init__(self, specs: dict[str, str], tokens: int, threads: int, nullable: list[str]):
         import torch
 
         from models.encoders import create_encoder
         torch.set_num_threads(threads)
         self.encoders = {col: create_encoder(spec, tokens) for col, spec in specs.items()}
+        self.nullable = set(nullable)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = {c: batch[c] for c in REQUIRED}
@@ -38,7 +39,8 @@ class EncodeBatch:
             if col not in self.encoders:  # a vector: passes through as one token
                 values = batch[col].to_pylist()
                 dim = next((len(v) for v in values if v is not None), 0)
-                out[col] = _fixed_list([None if v is None else np.asarray(v, np.float32) for v in values], dim)
+                out[col] = _vectors([None if v is None else np.asarray(v, np.float32) for v in values], dim,
+                                    col in self.nullable)
                 continue
             encoder = self.encoders[col]
             values = batch[col].to_pylist()
@@ -51,7 +53,7 @@ class EncodeBatch:
             encoded = encoder.encode([values[i] for i in firsts], **kwargs) if firsts else []
             by_value = {k: e.reshape(-1) for k, e in zip(unique, encoded)}
             rows = [by_value[_hashable(v)] if v is not None else None for v in values]
-            out[col] = _fixed_list(rows, encoder.tokens * encoder.dim)
+            out[col] = _vectors(rows, encoder.tokens * encoder.dim, col in self.nullable)
         return pa.table(out)
 
 
@@ -59,11 +61,13 @@ def _hashable(value):
     return value if isinstance(value, (bytes, str)) else tuple(value)
 
 
-def _fixed_list(rows: list, width: int) -> pa.FixedSizeListArray:
-    mask = np.array([r is None for r in rows])
-    flat = np.stack([np.zeros(width, np.float32) if r is None else r for r in rows]) if rows else np.zeros((0, width))
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32).reshape(-1)), width)
-    return pa.FixedSizeListArray.from_arrays(arr.values, width, mask=pa.array(mask)) if mask.any() else arr
+def _vectors(rows: list, width: int, nullable: bool) -> pa.Array:
+    """Fixed-size lists (read back as 2-D arrays), or plain lists for a column with nulls: Parquet
+    does not read back fixed-size lists with nulls (pyarrow 25)."""
+    if nullable:
+        return pa.array([None if r is None else r.astype(np.float32) for r in rows], type=pa.list_(pa.float32()))
+    flat = np.stack(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
 
 
 def encoder_specs(data: MultiModalData, chosen: dict[str, str]) -> dict[str, str]:
@@ -121,7 +125,8 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
     try:
         blocks = max(4 * actors, data.table.num_rows // (8 * batch_size) or 1)  # one file is one block: spread it
         ds = ray.data.read_parquet(data.path).repartition(min(blocks, data.table.num_rows)).map_batches(
-            EncodeBatch, fn_constructor_kwargs={"specs": specs, "tokens": tokens, "threads": 1},
+            EncodeBatch, fn_constructor_kwargs={"specs": specs, "tokens": tokens, "threads": 1, "nullable": [
+                c for c in data.kinds if data.table[c].null_count]},
             batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=1)
         ds.write_parquet(str(tmp))
         modalities = {c: {"kind": "vector", "dim": len(data.table[c].drop_null()[0]), "tokens": 1}

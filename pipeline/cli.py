@@ -30,7 +30,8 @@ def _run(args) -> int:
     if "avg_acc_only" in result:
         print("average accuracy with one modality seen: "
               + "  ".join(f"{m} only {v:.4f}" for m, v in result["avg_acc_only"].items()))
-    print(f"MLflow run {result['mlflow_run_id']}; browse with:\n  {ui_command(cfg)}")
+    if result["mlflow_run_id"]:
+        print(f"MLflow run {result['mlflow_run_id']}; browse with:\n  {ui_command(cfg)}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
     validate.add_argument("path")
     validate.set_defaults(func=_validate)
     build = data.add_parser("build", help="build a packaged benchmark into the schema")
-    build.add_argument("name", choices=["mfeat", "av-digits"])
+    build.add_argument("name", choices=["mfeat", "mfeat-domains", "av-digits"])
     build.add_argument("--out", help="Parquet file to write (default runs/data/NAME.parquet)")
     build.add_argument("--fsdd", help="Free Spoken Digit Dataset folder (av-digits; default $MMCL_FSDD_DIR or data/fsdd)")
     build.set_defaults(func=_build)

@@ -2,6 +2,7 @@
 into the feature cache, trained with Ray Train + DeepSpeed; a second run reads the cache."""
 import json
 
+import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -52,6 +53,15 @@ def test_av_digits_through_the_feature_cache_and_ray_train(ray_local, tmp_path, 
     assert set(result["avg_acc_only"]) == {"image", "audio"}
     version = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}").get_model_version("small-cmoe", "2")
     assert version.tags["mmcl.features"] == entries[0]["folder"]
+
+    # The registered model takes raw images and audio: it encodes them with its own encoders.
+    test_rows = table.filter(pc.equal(table["split"], "test")).slice(0, 60)
+    pq.write_table(test_rows.drop(["label"]), tmp_path / "raw.parquet")
+    assert main(["predict", "--model-uri", "models:/small-cmoe/2", "--input", str(tmp_path / "raw.parquet"),
+                 "--out", str(tmp_path / "p.csv"), "--tracking-uri", f"sqlite:///{out_dir / 'mlflow.db'}"]) == 0
+    predicted = pd.read_csv(tmp_path / "p.csv")
+    assert predicted["sample_id"].tolist() == test_rows["sample_id"].to_pylist()
+    assert (predicted["prediction"].to_numpy() == test_rows["label"].to_numpy()).mean() > 0.35
 
     # Domain-IL over the two speakers: the same encoders and data, so the cache is read, not rebuilt.
     assert main([*args, "--scenario", "domain-il", "--out", str(tmp_path / "d.json")]) == 0
