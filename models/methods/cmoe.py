@@ -78,9 +78,11 @@ class CMoE(ContinualModel):
             self.ridge.accumulate(self.ridge_input(features, present), targets)
 
     def ridge_input(self, features, present, z=None):
+        """[pooled frozen features, z], z scaled to the modalities' unit mean squared norm (it leaves
+        a LayerNorm, so its squared norm is about `dim`, which would swamp the random features)."""
         if z is None:
             z = self.forward_features(features, present)[1]
-        return torch.cat([self.pooled(features, present), z], 1)
+        return torch.cat([self.pooled(features, present), z / z.shape[1] ** 0.5], 1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Marks frozen experts `requires_grad=False` and returns what the optimizer may change:
