@@ -30,7 +30,7 @@ def mlflow_server(tmp_path):
     try:
         for _ in range(120):
             try:
-                if requests.get(f"{url}/health", timeout=1).ok:
+                if requests.get(f"{url}/health", timeout=30).ok:
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
@@ -83,7 +83,7 @@ def test_mmcl_ui_serves_the_store_on_localhost_and_stops_with_ctrl_c(tmp_path):
         for _ in range(120):
             try:
                 response = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
-                                         json={"max_results": 10}, timeout=1)
+                                         json={"max_results": 10}, timeout=30)  # the first request migrates the store
                 break
             except requests.ConnectionError:
                 time.sleep(0.5)
