@@ -1,7 +1,5 @@
 """Fast tests of configuration, scenarios, data loading errors and the metrics."""
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main

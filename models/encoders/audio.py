@@ -74,7 +74,6 @@ class HFAudioEncoder(Encoder):
     kind = "audio"
 
     def __init__(self, name_or_folder: str, tokens: int = 4):
-        import torch  # noqa: F401
         from transformers import AutoFeatureExtractor, AutoModel
         self.source, self.tokens = name_or_folder, tokens
         self.extractor = AutoFeatureExtractor.from_pretrained(name_or_folder)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models.encoders.base import Encoder, file_identity, package_version
 
 
-def decode_image(data: bytes) -> "PIL.Image.Image":  # noqa: F821
+def decode_image(data: bytes):
     from PIL import Image
     image = Image.open(io.BytesIO(data))
     image.load()
