@@ -18,18 +18,17 @@ from pipeline.driver import _quiet, init_ray, prepare_data, run_sequence
 METRICS = ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")
 
 
-def sequence_configs(base: RunConfig, methods: list[str], seeds: int, data_path: str) -> list[RunConfig]:
-    from pipeline.config import _apply_method
-
+def sequence_configs(config_for, methods: list[str], seeds: int, data_path: str) -> list[RunConfig]:
+    """`config_for(method)`: the user's config built with that method, so that each method's own
+    settings apply to the user's, not on top of another method's."""
     out = []
     for method in methods:
         for seed in range(seeds):
-            cfg = copy.deepcopy(base)
-            cfg.method, cfg.seed, cfg.data = method, seed, data_path
+            cfg = copy.deepcopy(config_for(method))
+            cfg.seed, cfg.data = seed, data_path
             cfg.tracking.enabled = False
-            cfg.cache.dir = str(base.cache_dir())
-            cfg.output_dir = str(Path(base.output_dir) / "bench")
-            _apply_method(cfg)
+            cfg.cache.dir = str(cfg.cache_dir())
+            cfg.output_dir = str(Path(cfg.output_dir) / "bench")
             out.append(cfg)
     return out
 
@@ -40,12 +39,15 @@ def _run_one(cfg: RunConfig) -> dict:
     return run_sequence(cfg, log=lambda *_: None)
 
 
-def run_bench(base: RunConfig, methods: list[str], seeds: int, log=print) -> dict:
+def run_bench(config_for, methods: list[str], seeds: int, log=print) -> dict:
     _quiet(False)
+    if not methods:
+        raise ValueError("no methods given")
     for m in methods:
         get_method(m)
+    base = config_for(methods[0])
     raw_path = prepare_data(base, log)[1]  # build and encode once, before sequences run side by side
-    configs = sequence_configs(base, methods, seeds, str(Path(raw_path).resolve()))
+    configs = sequence_configs(config_for, methods, seeds, str(Path(raw_path).resolve()))
     started = time.time()
     if base.executor == "local":
         import ray

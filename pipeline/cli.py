@@ -47,9 +47,9 @@ def _bench(args) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     try:
-        cfg = load_config(args.config, overrides)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        summary = run_bench(cfg, methods, args.seeds)
+        summary = run_bench(lambda method: load_config(args.config, [*overrides, f"method={method}"]), methods,
+                            args.seeds)
     except (ConfigError, DataError, ValueError) as e:
         print(f"mmcl: {e}", file=sys.stderr)
         return 2

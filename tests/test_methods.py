@@ -1,11 +1,15 @@
 """Every registered method runs a short class-IL sequence (in-process executor); the analytic head
 gives the same results through Ray Train's data-parallel workers as in-process."""
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from models.methods import METHODS
+from pipeline.bench import sequence_configs
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.driver import run_sequence
 
@@ -53,3 +57,30 @@ def test_ridge_head_through_ray_train_matches_the_in_process_executor(synthetic,
     distributed = run(synthetic, tmp_path / "ray", "ranpac", "num_tasks=2", "executor=ray")
     assert np.allclose(np.array(local["acc_matrix"], dtype=float), np.array(distributed["acc_matrix"], dtype=float),
                        equal_nan=True), (local["acc_matrix"], distributed["acc_matrix"])
+
+
+def test_each_bench_sequence_gets_its_own_methods_settings():
+    config_for = lambda m: load_config(None, ["method=finetune", "train.epochs=4", f"method={m}"])  # noqa: E731
+    configs = {c.method: c for c in sequence_configs(config_for, ["cmoe", "finetune"], 1, "x.parquet")}
+    assert configs["cmoe"].loss.kd == 1.0 and configs["finetune"].loss.kd == 0.0  # nothing leaks between methods
+    assert configs["cmoe"].train.epochs == 4 and not configs["cmoe"].tracking.enabled
+
+
+@pytest.mark.slow
+def test_bench_writes_json_and_markdown_with_paired_differences(synthetic, tmp_path, ray_local):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--data", str(synthetic), "--tasks", "3", "--methods", "ranpac,simplecil,finetune",
+                 "--seeds", "2", "--out", str(out), f"output_dir={tmp_path}", "train.epochs=2",
+                 "model.projection=256"]) == 0
+    summary = json.loads(out.read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert list(rows) == ["ranpac", "simplecil", "finetune"] and len(summary["runs"]) == 6
+    for r in rows.values():
+        assert {"avg_acc_mean", "avg_acc_std", "avg_inc_acc_mean", "forgetting_mean", "forgetting_std",
+                "seconds_mean"} <= set(r) and r["seeds"] == [0, 1]
+    runs = {(r["method"], r["seed"]): r["avg_acc"] for r in summary["runs"]}
+    paired = [runs["finetune", s] - runs["ranpac", s] for s in (0, 1)]
+    assert rows["finetune"]["avg_acc_diff_vs_ranpac_mean"] == pytest.approx(np.mean(paired))
+    assert rows["finetune"]["avg_acc_mean"] < rows["ranpac"]["avg_acc_mean"]
+    table = out.with_suffix(".md").read_text()
+    assert "| method | avg acc |" in table and "vs ranpac (paired)" in table and "| finetune |" in table
