@@ -174,7 +174,7 @@ def build_av_digits(out: Path, fsdd: str | Path | None = None, max_index: int = 
         raise DataError(f"{folder / 'recordings'}: no recordings")
     rng = np.random.default_rng(0)
     images, image_labels, image_test = _degraded_digit_images(rng)
-    rows = {k: [] for k in ("sample_id", "label", "label_name", "domain", "split", "image", "audio")}
+    rows = {k: [] for k in ("sample_id", "label", "label_name", "domain", "split", "group", "image", "audio")}
     for f, digit, speaker, index in records:
         is_test = index < 5
         pool = np.flatnonzero((image_labels == digit) & (image_test == is_test))
@@ -185,6 +185,7 @@ def build_av_digits(out: Path, fsdd: str | Path | None = None, max_index: int = 
             rows["label_name"].append(str(digit))
             rows["domain"].append(speaker)
             rows["split"].append("test" if is_test else "train")
+            rows["group"].append(f"image-{int(img)}")  # train images serve about 2.5 recordings each
             rows["image"].append(images[img])
             rows["audio"].append(audio)
     columns = {k: pa.array(v, type=pa.binary() if k in ("image", "audio") else None) for k, v in rows.items()}

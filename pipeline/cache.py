@@ -31,10 +31,10 @@ class EncodeBatch:
         self.nullable = set(nullable)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = {c: batch[c] for c in REQUIRED}
+        out = {c: batch[c] for c in [*REQUIRED, "group"] if c in batch.column_names}
         rates = batch["sample_rate"].to_pylist() if "sample_rate" in batch.column_names else None
         for col in batch.column_names:
-            if col in REQUIRED or col == "sample_rate":
+            if col in out or col == "sample_rate":
                 continue
             if col not in self.encoders:  # a vector: passes through as one token
                 values = batch[col].to_pylist()
@@ -90,14 +90,12 @@ def encoder_specs(data: MultiModalData, chosen: dict[str, str]) -> dict[str, str
 
 
 def cache_key(data_fingerprint: str, specs: dict[str, str], tokens: int) -> tuple[str, dict]:
-    """The entry's key and the encoders' identities (loading each encoder once to read it)."""
-    from models.encoders import create_encoder
+    """The entry's key and the encoders' identities."""
+    from models.encoders import encoder_identity
 
-    encoders = {col: create_encoder(spec, tokens) for col, spec in specs.items()}
-    identities = {col: {"spec": specs[col], **e.identity} for col, e in encoders.items()}
+    identities = {col: {"spec": spec, **encoder_identity(spec, tokens)} for col, spec in specs.items()}
     blob = json.dumps({"data": data_fingerprint, "encoders": identities}, sort_keys=True)
-    dims = {col: e.dim for col, e in encoders.items()}
-    return hashlib.sha256(blob.encode()).hexdigest()[:16], {"identities": identities, "dims": dims}
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], identities
 
 
 def entry_folder(cache_dir: Path, data_path: str, key: str) -> Path:
@@ -110,8 +108,10 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
     import ray
     import ray.data
 
+    from models.encoders import create_encoder
+
     specs = encoder_specs(data, chosen)
-    key, info = cache_key(data_fingerprint, specs, tokens)
+    key, identities = cache_key(data_fingerprint, specs, tokens)
     folder = entry_folder(cache_dir, data.path, key)
     if read_manifest(folder):
         log(f"Features: cache hit {folder}")
@@ -131,8 +131,8 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
         ds.write_parquet(str(tmp))
         modalities = {c: {"kind": "vector", "dim": len(data.table[c].drop_null()[0]), "tokens": 1}
                       for c, k in data.kinds.items() if k == "vector"}
-        modalities.update({c: {"kind": data.kinds[c], "dim": info["dims"][c], "tokens": tokens,
-                               "encoder": info["identities"][c]} for c in specs})
+        modalities.update({c: {"kind": data.kinds[c], "dim": create_encoder(s, tokens).dim, "tokens": tokens,
+                               "encoder": identities[c]} for c, s in specs.items()})
         manifest = {"key": key, "source": str(Path(data.path).resolve()), "source_fingerprint": data_fingerprint,
                     "rows": data.table.num_rows, "modalities": modalities, "seconds": round(time.time() - started, 1),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

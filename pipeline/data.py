@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REQUIRED = {"sample_id": "string", "label": "integer", "label_name": "string", "domain": "string", "split": "string"}
-RESERVED = {"sample_rate"}  # per-row rate of audio given as samples
+RESERVED = {"sample_rate": "integer",  # per-row rate of audio given as samples
+            "group": "string"}  # rows that share one are never split between train and val
 LABELS_METADATA = b"mmcl.labels"  # optional schema metadata: JSON list of label names, index = label
 FEATURES_MANIFEST = "_mmcl_features.json"  # written last into a feature cache folder
 AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb")
@@ -103,6 +104,11 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
             err(col, _rows(table[col].is_null()), "null values in a required column")
         else:
             ok.add(col)
+    for col, want in RESERVED.items():
+        if col in table.column_names and not _type_ok(table.schema.field(col).type, want):
+            err(col, [], f"must be {want}, found {table.schema.field(col).type}")
+    if "group" in table.column_names and table["group"].null_count:
+        err("group", _rows(table["group"].is_null()), "null group (give each row one, or drop the column)")
     kinds = kinds if kinds is not None else modality_columns(table)
     for col in table.column_names:
         if col not in REQUIRED and col not in RESERVED and col not in kinds:

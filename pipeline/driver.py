@@ -166,17 +166,29 @@ def fit_task(cfg: RunConfig, config: dict, rows, data_path: str, init_checkpoint
     return result.checkpoint, result.metrics["history"]
 
 
-def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray, fraction: float):
+def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray, fraction: float,
+                        groups: np.ndarray | None = None):
     """Marks a seeded `fraction` of each class's train rows 'val' unless the data has 'val' rows.
+    With `groups`, whole groups move: rows that share one (the same image paired with several
+    recordings, say) are never on both sides.
 
     Returns the new split column and the ids of the rows moved out of training.
     """
     if fraction <= 0 or (split == "val").any():
         return split, []
     split, rng = split.copy(), np.random.default_rng(12345)
-    for c in np.unique(labels):
-        rows = np.flatnonzero((split == "train") & (labels == c))
-        split[rng.choice(rows, int(round(fraction * len(rows))), replace=False)] = "val"
+    train = np.flatnonzero(split == "train")
+    groups = groups[train] if groups is not None else np.arange(len(train))
+    classes, class_of_row = np.unique(labels[train], return_inverse=True)
+    wanted = np.round(fraction * np.bincount(class_of_row)).astype(int)
+    taken = np.zeros_like(wanted)
+    order, group_of_row = np.unique(groups, return_inverse=True)
+    rows_of_group = np.split(np.argsort(group_of_row, kind="stable"), np.cumsum(np.bincount(group_of_row))[:-1])
+    for g in rng.permutation(len(order)):
+        counts = np.bincount(class_of_row[rows_of_group[g]], minlength=len(classes))
+        if np.all(taken + counts <= wanted):
+            taken += counts
+            split[train[rows_of_group[g]]] = "val"
     return split, sample_ids[split == "val"].tolist()
 
 
@@ -223,7 +235,8 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     method = get_method(cfg.method)
     spec = {"family": method.family, "modalities": data.modalities, "class_order": scenario.class_order,
             "encoders": encoders, "tokens": cfg.encoder_tokens, "model": vars(cfg.model)}
-    split, held_out_ids = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction)
+    split, held_out_ids = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction,
+                                              data.column("group") if "group" in data.table.column_names else None)
     eval_cols = {c: data.column(c) for c in ["label", *data.modalities]}
     eval_rows = {s: [np.flatnonzero((split == s) & scenario.task_mask(t, labels, domains)) for t in scenario.tasks]
                  for s in ("val", "test") if (split == s).any()}

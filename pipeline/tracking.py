@@ -20,7 +20,8 @@ def experiment_name(cfg: RunConfig) -> str:
 
 
 def registered_model_name(cfg: RunConfig) -> str:
-    return f"{experiment_name(cfg)}-{cfg.method}"
+    """One name per (data, scenario, method): a sequence's versions chain inside one model."""
+    return f"{experiment_name(cfg)}-{cfg.scenario}-{cfg.method}"
 
 
 def data_fingerprint(path: str | Path) -> str:

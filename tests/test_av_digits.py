@@ -51,13 +51,13 @@ def test_av_digits_through_the_feature_cache_and_ray_train(ray_local, tmp_path, 
     # 50 training rows per task: well above chance (0.2 among 5 classes; 150 test rows, s.e. 0.04).
     assert result["acc_matrix"][0][0] > 0.35 and result["acc_matrix"][1][1] > 0.35
     assert set(result["avg_acc_only"]) == {"image", "audio"}
-    version = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}").get_model_version("small-cmoe", "2")
+    version = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}").get_model_version("small-class-il-cmoe", "2")
     assert version.tags["mmcl.features"] == entries[0]["folder"]
 
     # The registered model takes raw images and audio: it encodes them with its own encoders.
     test_rows = table.filter(pc.equal(table["split"], "test")).slice(0, 60)
     pq.write_table(test_rows.drop(["label"]), tmp_path / "raw.parquet")
-    assert main(["predict", "--model-uri", "models:/small-cmoe/2", "--input", str(tmp_path / "raw.parquet"),
+    assert main(["predict", "--model-uri", "models:/small-class-il-cmoe/2", "--input", str(tmp_path / "raw.parquet"),
                  "--out", str(tmp_path / "p.csv"), "--tracking-uri", f"sqlite:///{out_dir / 'mlflow.db'}"]) == 0
     predicted = pd.read_csv(tmp_path / "p.csv")
     assert predicted["sample_id"].tolist() == test_rows["sample_id"].to_pylist()
@@ -69,6 +69,9 @@ def test_av_digits_through_the_feature_cache_and_ray_train(ray_local, tmp_path, 
     assert f"Features: cache hit {entries[0]['folder']}" in printed and "Features: encoding" not in printed
     assert read_manifest(entries[0]["folder"])["created"] == manifest["created"]
     assert json.loads((tmp_path / "d.json").read_text())["scenario"] == "domain-il"
+    domain_versions = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}").search_model_versions(
+        "name = 'small-domain-il-cmoe'")
+    assert sorted(int(v.version) for v in domain_versions) == [1, 2]  # its own chain, not the class-IL model's
 
     # A changed encoder setting is another entry; `mmcl cache clear` removes them all.
     assert main(["cache", "build", "--data", str(data), "encoder_tokens=2", f"output_dir={out_dir}"]) == 0

@@ -69,6 +69,10 @@ def _wrong_type(cols):
     cols["label"] = [str(v) for v in cols["label"]]
 
 
+def _null_group(cols):
+    cols["group"] = ["a", "a", "b", None, "c", "c"]
+
+
 def _no_test(cols):
     cols["split"] = ["train"] * len(cols["split"])
 
@@ -88,10 +92,11 @@ def _no_test(cols):
     (_no_test, "error: f.parquet, column 'split': no 'test' rows"),
     (_no_train_for_class, "error: f.parquet, column 'label', rows 2, 3: label 1 has no train rows"),
     (_all_null(4), "error: f.parquet, row 4: every modality is null in these rows"),
+    (_null_group, "error: f.parquet, column 'group', row 3: null group"),
     (_set("caption", 2, None), "warning: f.parquet, column 'caption', row 2: modality missing (null)"),
 ], ids=["missing-column", "wrong-type", "bad-image", "bad-audio", "nan", "inf", "ragged-vector",
         "label-outside-declared", "label-name-mismatch", "negative-label", "bad-split", "empty-split",
-        "empty-task", "all-modalities-null", "null-modality-warning"])
+        "empty-task", "all-modalities-null", "null-group", "null-modality-warning"])
 def test_each_bad_input_is_reported_with_file_column_and_rows(change, expected):
     cols = good_columns()
     change(cols)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.encoders import DEFAULTS, create_encoder, encoder_kind
+from models.encoders import DEFAULTS, create_encoder, encoder_identity, encoder_kind
 
 
 def fsdd_recordings() -> Path:
@@ -104,3 +104,4 @@ def test_every_encoder_family_returns_fixed_size_tokens(spec, tmp_path):
     assert z.shape == (2, 3, encoder.dim) and z.dtype == np.float32
     assert np.isfinite(z).all() and not np.allclose(z[0], z[1])
     assert encoder.identity["tokens"] == 3
+    assert encoder_identity(spec, tokens=3) == encoder.identity  # what the cache key reads without building

@@ -59,13 +59,13 @@ def test_sequence_end_to_end(ray_local, tmp_path, capsys):
     assert "checkpoint" in {a.path for a in client.list_artifacts(last.info.run_id)}
 
     # Lineage: one registered version per task, the second continuing from the first.
-    v1, v2 = sorted(client.search_model_versions("name = 'mfeat-cmoe'"), key=lambda v: int(v.version))
+    v1, v2 = sorted(client.search_model_versions("name = 'mfeat-class-il-cmoe'"), key=lambda v: int(v.version))
     assert (v1.run_id, v2.run_id) == (first.info.run_id, last.info.run_id)
     assert v2.tags["mmcl.continued_from_version"] == str(v1.version) and v1.tags["mmcl.continued_from_version"] == ""
     assert v1.tags["mmcl.config_hash"] == v2.tags["mmcl.config_hash"] == parent.data.tags["mmcl.config_fingerprint"]
     assert len(v1.tags["mmcl.data_fingerprint"]) == 16 and v1.tags["mmcl.classes_seen"].count(",") == 4
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["lineage", "mfeat-cmoe", "--tracking-uri", uri]) == 0
+    assert main(["lineage", "mfeat-class-il-cmoe", "--tracking-uri", uri]) == 0
     assert f"version {v2.version}: task 1 <- version {v1.version}" in capsys.readouterr().out
 
     # Roll-back: the older version still predicts its own task's classes.
@@ -75,7 +75,7 @@ def test_sequence_end_to_end(ray_local, tmp_path, capsys):
     rows.drop(columns=["label"]).to_parquet(tmp_path / "task0.parquet")
     for version, expected in ((v1.version, matrix[0][0]), (v2.version, matrix[1][0])):
         out_file = tmp_path / f"pred-v{version}.parquet"
-        assert main(["predict", "--model-uri", f"models:/mfeat-cmoe/{version}", "--input",
+        assert main(["predict", "--model-uri", f"models:/mfeat-class-il-cmoe/{version}", "--input",
                      str(tmp_path / "task0.parquet"), "--out", str(out_file), "--tracking-uri", uri]) == 0
         pred = pq.read_table(out_file).to_pandas()
         assert list(pred.sample_id) == list(rows.sample_id)

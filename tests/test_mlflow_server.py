@@ -56,7 +56,7 @@ def test_sequence_tracked_over_http(ray_local, mlflow_server, tmp_path):
     children = [rid for rid, t in tags.items() if t.get("mlflow.parentRunId") == result["mlflow_run_id"]]
     assert sorted(tags[c]["mmcl.task_index"] for c in children) == ["0", "1"]
 
-    versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='mfeat-cmoe'"}).json()
+    versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='mfeat-class-il-cmoe'"}).json()
     versions = sorted(versions["model_versions"], key=lambda v: int(v["version"]))
     lineage = [{t["key"]: t["value"] for t in v["tags"]} for v in versions]
     assert [v["run_id"] for v in versions] == sorted(children, key=lambda c: tags[c]["mmcl.task_index"])

@@ -5,6 +5,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError, load_data
+from pipeline.driver import hold_out_validation
 from pipeline.evaluate import summarize
 from pipeline.scenario import make_scenario
 
@@ -51,6 +52,21 @@ def test_domain_il_tasks_follow_the_domain_column():
     assert sc.task_mask(sc.tasks[0], labels, domains).sum() == 6
     with pytest.raises(ValueError, match="only 4 domains"):
         make_scenario("domain-il", labels, domains, 5, seed=0)
+
+
+def test_validation_holds_out_whole_groups_and_about_the_fraction_of_each_class():
+    labels = np.repeat(np.arange(4), 60)
+    groups = np.array([f"img{i // 3}" for i in range(240)])  # each image paired with 3 rows of its class
+    split = np.array(["train", "train", "train", "test"] * 60)
+    ids = np.array([f"s{i}" for i in range(240)])
+    out, held_out = hold_out_validation(split, labels, ids, 0.2, groups)
+    assert (out[split == "test"] == "test").all()
+    val, train = set(groups[out == "val"]), set(groups[out == "train"])
+    assert val and not val & train
+    for c in range(4):
+        assert 6 <= ((out == "val") & (labels == c)).sum() <= 9  # 20% of 45 train rows, in whole groups
+    assert sorted(held_out) == sorted(ids[out == "val"])
+    assert (hold_out_validation(split, labels, ids, 0.2, groups)[0] == out).all()  # seeded
 
 
 def test_summary_metrics_on_a_hand_made_matrix():

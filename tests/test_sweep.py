@@ -38,3 +38,15 @@ def test_sweep_nests_trials_records_failures_and_writes_a_runnable_best_config(r
         assert sorted(r.data.tags["mmcl.task_index"] for r in tasks) == ["0", "1"]
         assert trial.data.params["train.val_fraction"] == "0.1"
     assert "best.yaml" in {a.path for a in client.list_artifacts(sweep.info.run_id)}
+
+
+def test_a_local_executor_sweep_trains_each_trial_in_its_own_process(ray_local, tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "num_tasks": 2, "executor": "local", "train": {"epochs": 1},
+        "sweep": {"samples": 1, "scheduler": "fifo", "space": {"loss.align": {"grid": [0.0, 0.5]}}},
+    }))
+    best = tmp_path / "best.yaml"
+    assert main(["sweep", "--config", str(config), "--best-out", str(best), f"output_dir={tmp_path}"]) == 0
+    assert "2 trials: 0 failed" in capsys.readouterr().out
+    assert load_config(best).loss.align in (0.0, 0.5) and load_config(best).executor == "local"

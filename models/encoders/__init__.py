@@ -35,8 +35,8 @@ def create_encoder(spec: str, tokens: int = 4) -> Encoder:
         name, _, weights = rest.partition(":")
         return TimmImageEncoder(name, weights or None, tokens)
     if family == "minilm":
-        from models.encoders.text import packaged_minilm
-        return packaged_minilm(tokens)
+        from models.encoders.text import HFTextEncoder, packaged_minilm_folder
+        return HFTextEncoder(packaged_minilm_folder(), tokens)
     if family == "hf":
         from models.encoders.text import HFTextEncoder
         return HFTextEncoder(rest, tokens)
@@ -47,4 +47,26 @@ def create_encoder(spec: str, tokens: int = 4) -> Encoder:
     return HFAudioEncoder(rest, tokens)
 
 
-__all__ = ["DEFAULTS", "Encoder", "create_encoder", "encoder_kind", "segment_means"]
+def encoder_identity(spec: str, tokens: int = 4) -> dict:
+    """`create_encoder(spec, tokens).identity`, from the spec and the weight files alone (the cache
+    key is read on every run; building the encoders for it would cost seconds)."""
+    family, _, rest = spec.partition(":")
+    encoder_kind(spec)
+    if family in ("efficientnet_lite0", "timm"):
+        from models.encoders.base import file_identity
+        from models.encoders.vision import packaged_efficientnet_lite0_file, timm_identity
+        if family == "efficientnet_lite0":
+            return timm_identity("tf_efficientnet_lite0", file_identity(packaged_efficientnet_lite0_file()), tokens)
+        name, _, weights = rest.partition(":")
+        return timm_identity(name, file_identity(weights) if weights else None, tokens)
+    if family in ("minilm", "hf"):
+        from models.encoders.text import hf_text_identity, packaged_minilm_folder
+        return hf_text_identity(packaged_minilm_folder() if family == "minilm" else rest, tokens)
+    if family == "speech_embedding":
+        from models.encoders.audio import speech_embedding_identity
+        return speech_embedding_identity(tokens)
+    from models.encoders.audio import hf_audio_identity
+    return hf_audio_identity(rest, tokens)
+
+
+__all__ = ["DEFAULTS", "Encoder", "create_encoder", "encoder_identity", "encoder_kind", "segment_means"]

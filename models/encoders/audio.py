@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.encoders.base import Encoder, file_identity, package_version, segment_means
+from models.encoders.base import Encoder, file_identity, hf_weights_id, package_version, segment_means
 
 SAMPLE_RATE = 16000
 
@@ -38,13 +38,9 @@ class SpeechEmbeddingEncoder(Encoder):
 
     def __init__(self, tokens: int = 4, min_seconds: float = 1.0):
         import onnxruntime as ort
-        spec = importlib.util.find_spec("openwakeword")  # the model files only; not the package's wake-word heads
-        if spec is None:
-            raise ImportError("the audio encoder 'speech_embedding' needs openwakeword==0.4.0 (its ONNX files)")
-        folder = Path(spec.submodule_search_locations[0]) / "resources" / "models"
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
-        self.files = [folder / "melspectrogram.onnx", folder / "embedding_model.onnx"]
+        self.files = speech_embedding_files()
         self.melspec, self.embedding = (ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
                                         for f in self.files)
         self.tokens, self.min_seconds = tokens, min_seconds
@@ -64,9 +60,20 @@ class SpeechEmbeddingEncoder(Encoder):
 
     @property
     def identity(self) -> dict:
-        return {"family": "speech_embedding", "weights": [file_identity(f) for f in self.files],
-                "min_seconds": self.min_seconds, "tokens": self.tokens,
-                "onnxruntime": package_version("onnxruntime")}
+        return speech_embedding_identity(self.tokens, self.min_seconds)
+
+
+def speech_embedding_files() -> list[Path]:
+    spec = importlib.util.find_spec("openwakeword")  # the model files only; not the package's wake-word heads
+    if spec is None:
+        raise ImportError("the audio encoder 'speech_embedding' needs openwakeword==0.4.0 (its ONNX files)")
+    folder = Path(spec.submodule_search_locations[0]) / "resources" / "models"
+    return [folder / "melspectrogram.onnx", folder / "embedding_model.onnx"]
+
+
+def speech_embedding_identity(tokens: int, min_seconds: float = 1.0) -> dict:
+    return {"family": "speech_embedding", "weights": [file_identity(f) for f in speech_embedding_files()],
+            "min_seconds": min_seconds, "tokens": tokens, "onnxruntime": package_version("onnxruntime")}
 
 
 class HFAudioEncoder(Encoder):
@@ -80,7 +87,6 @@ class HFAudioEncoder(Encoder):
         self.model = AutoModel.from_pretrained(name_or_folder).eval().requires_grad_(False)
         self.rate = self.extractor.sampling_rate
         self.dim = self.model.config.hidden_size
-        self.weights_id = file_identity(name_or_folder) if Path(name_or_folder).is_dir() else f"hf-hub:{name_or_folder}"
 
     def encode(self, values: list, sample_rates=None) -> np.ndarray:
         import torch
@@ -96,5 +102,9 @@ class HFAudioEncoder(Encoder):
 
     @property
     def identity(self) -> dict:
-        return {"family": "hf-audio", "source": self.source, "weights": self.weights_id, "tokens": self.tokens,
-                "transformers": package_version("transformers")}
+        return hf_audio_identity(self.source, self.tokens)
+
+
+def hf_audio_identity(source: str, tokens: int) -> dict:
+    return {"family": "hf-audio", "source": source, "weights": hf_weights_id(source), "tokens": tokens,
+            "transformers": package_version("transformers")}

@@ -7,7 +7,8 @@ import numpy as np
 
 class Encoder:
     """A frozen encoder of one modality. `encode(values)` maps raw values (bytes, str or samples)
-    to float32 tokens (B, tokens, dim); `identity` names everything that changes its output."""
+    to float32 tokens (B, tokens, dim); `identity` names everything that changes its output, and
+    `encoder_identity(spec, tokens)` gives the same without building the encoder."""
     kind: str
     dim: int
     tokens: int
@@ -37,6 +38,11 @@ def file_identity(path: str | Path) -> str:
         with open(p, "rb") as f:
             h.update(f"{p.name}:{p.stat().st_size}:".encode() + f.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def hf_weights_id(source: str) -> str:
+    """A local transformers folder by its files, a hub name by its name."""
+    return file_identity(source) if Path(source).is_dir() else f"hf-hub:{source}"
 
 
 def package_version(name: str) -> str:

