@@ -14,6 +14,7 @@ from models.methods import ContinualModel, LossWeights, create_model
 from pipeline.data import batch_to_arrays
 
 MODEL_FILE = "model.pt"
+GRADIENT_CLIP = 1.0  # max gradient norm, both executors
 
 
 def build_model(spec: dict) -> ContinualModel:
@@ -43,12 +44,17 @@ def deepspeed_config(train: dict) -> dict:
     return {
         "train_micro_batch_size_per_gpu": train["batch_size"],
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
+        "gradient_clipping": GRADIENT_CLIP,
         "zero_optimization": {"stage": train["zero_stage"]},
         "zero_allow_untested_optimizer": True,  # a torch AdamW: DeepSpeed's own compiles a C++ op first
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def adamw(params, train: dict) -> torch.optim.Optimizer:
+    """The optimizer of both executors (DeepSpeed wraps it; the local loop steps it itself)."""
+    return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +65,9 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def fit_standardizer(model: ContinualModel, batches, modalities, class_index, device="cpu"):
-    """First task only: per-feature mean and variance over every worker's rows (all-reduced sums)."""
+    """Per-feature mean and variance over every worker's rows (all-reduced sums), for each modality
+    not yet fitted that this task's rows have."""
+    fitted = model.standardizer.fitted.tolist()
     sums = {m: torch.zeros(3, d, dtype=torch.float64, device=device) for m, d in modalities.items()}
     for batch in batches():
         feats, present, _ = to_tensors(batch, modalities, class_index, device)
@@ -67,11 +75,11 @@ def fit_standardizer(model: ContinualModel, batches, modalities, class_index, de
             x = feats[m][present[:, i]].double()
             x = x.reshape(-1, x.shape[-1])  # tokens share one standardisation
             sums[m] += torch.stack([x.new_full((x.shape[1],), len(x)), x.sum(0), x.pow(2).sum(0)])
-    for m, s in sums.items():
-        n, total, sq = all_reduce(s)
-        mean = total / n.clamp_min(1)
-        model.standardizer.set(m, mean, (sq / n.clamp_min(1) - mean**2).clamp_min(0))
-    model.standardizer.fitted.fill_(True)
+    for (m, s), done in zip(sums.items(), fitted):
+        n, total, sq = all_reduce(s)  # every worker reduces every modality, in the same order
+        if not done and n[0] > 0:
+            mean = total / n
+            model.standardizer.set(m, mean, (sq / n - mean**2).clamp_min(0))
 
 
 def learn_task(model: ContinualModel, batches, config: dict, make_step, report, device="cpu") -> list[dict]:
@@ -83,7 +91,7 @@ def learn_task(model: ContinualModel, batches, config: dict, make_step, report, 
     modalities, class_index = spec["modalities"], np.asarray(config["class_index"])
     seen_before = model.head_size
     model.begin_task(config["head_size"])
-    if not bool(model.standardizer.fitted):
+    if not bool(model.standardizer.fitted.all()):
         fit_standardizer(model, lambda: batches(False), modalities, class_index, device)
     params = model.trainable_parameters()
     old_model = copy.deepcopy(model).eval().requires_grad_(False) if task > 0 and params else None
@@ -141,7 +149,7 @@ def train_func_per_worker(config: dict):
                                   local_shuffle_buffer_size=4 * train["batch_size"] if shuffle else None)
 
     def make_step(module, params):
-        optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+        optimizer = adamw(params, train)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(train))
 
         def step(loss):
@@ -177,12 +185,12 @@ def train_task_local(config: dict, table, init_folder: str | None, out_folder: P
             yield {c: v[rows] for c, v in columns.items()}
 
     def make_step(module, params):
-        optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+        optimizer = adamw(params, train)
 
         def step(loss):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP)
             optimizer.step()
         return module, step
 

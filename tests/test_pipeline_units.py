@@ -1,4 +1,6 @@
 """Fast tests of configuration, scenarios, data loading errors and the metrics."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ from pipeline.data import DataError, load_data
 from pipeline.driver import hold_out_validation
 from pipeline.evaluate import summarize
 from pipeline.scenario import make_scenario
+from tune.sweep import load_sweep
 
 
 def test_config_file_then_overrides_with_types(tmp_path):
@@ -20,6 +23,19 @@ def test_config_file_then_overrides_with_types(tmp_path):
     assert cfg.fingerprint() != load_config(path).fingerprint()
     assert cfg.fingerprint() == load_config(path, ["train.lr=1e-3", "model.num_experts=8", "loss.align=0",
                                                    "output_dir=elsewhere"]).fingerprint()
+
+
+def test_a_method_forces_what_defines_it_and_leaves_its_strengths_settable():
+    cfg = load_config(None, ["method=ewc", "loss.align=0.5", "loss.ewc=10", "model.memory=50"])
+    assert cfg.loss.align == 0.0 and cfg.model.head == "cosine"  # ewc is cross-entropy on the cosine head
+    assert cfg.loss.ewc == 10.0 and cfg.model.memory == 50  # a sweep may choose these
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "tune" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_each_shipped_sweep_config_loads(path):
+    cfg, sweep = load_sweep(str(path))
+    assert sweep.space and cfg.executor == "local"
 
 
 @pytest.mark.parametrize("override, message", [

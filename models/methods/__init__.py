@@ -20,7 +20,8 @@ COSINE = {"head": "cosine", "freeze_per_task": 0}  # the baselines' gradient-tra
 class Method:
     family: str
     description: str
-    loss: dict = field(default_factory=dict)  # LossWeights fields forced by the method
+    loss: dict = field(default_factory=dict)  # LossWeights fields forced by the method (what defines it;
+    # a method's own strengths, such as loss.ewc or model.memory, stay settable)
     model: dict = field(default_factory=dict)  # ModelConfig fields forced by the method
     joint: bool = False
 
@@ -34,7 +35,7 @@ METHODS = {
     "lwf": Method("cmoe", "learning without forgetting: cross-entropy + logit distillation",
                   loss={"rel": 0.0, "align": 0.0}, model=COSINE),
     "ewc": Method("ewc", "elastic weight consolidation: cross-entropy + Fisher-weighted pull to earlier weights",
-                  loss={**GRADIENT_ONLY, "ewc": 100.0}, model=COSINE),
+                  loss=GRADIENT_ONLY, model=COSINE),
     "replay": Method("replay", "cross-entropy on each batch joined by rows from a class-balanced buffer (memory)",
                      loss=GRADIENT_ONLY, model=COSINE),
     "moe-adapters": Method("cmoe", "per-task experts: two new experts each task, the used ones frozen after it; "

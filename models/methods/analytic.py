@@ -18,6 +18,17 @@ RIDGE_GRID = tuple(10.0**k for k in range(-2, 7))
 HOLDOUT_EVERY = 5
 
 
+def grow_buffers(module: nn.Module, names, extra: int, dim: int) -> None:
+    """Appends `extra` zero entries (new classes) along `dim` to each named buffer."""
+    if extra <= 0:
+        return
+    for name in names:
+        old = getattr(module, name)
+        shape = list(old.shape)
+        shape[dim] = extra
+        setattr(module, name, torch.cat([old, old.new_zeros(shape)], dim))
+
+
 class RidgeStatistics(nn.Module):
     """A random ReLU projection of input vectors and a ridge head fitted from running sums."""
 
@@ -36,11 +47,7 @@ class RidgeStatistics(nn.Module):
         return self.cross.shape[1]
 
     def begin_task(self, head_size: int) -> None:
-        extra = head_size - self.num_classes
-        if extra > 0:
-            for name in ("cross", "cross_val", "weight"):
-                old = getattr(self, name)
-                setattr(self, name, torch.cat([old, old.new_zeros(old.shape[0], extra)], 1))
+        grow_buffers(self, ("cross", "cross_val", "weight"), head_size - self.num_classes, dim=1)
         self._task = {k: torch.zeros_like(getattr(self, k)) for k in ("gram", "gram_val", "cross", "cross_val")}
 
     def features(self, x) -> torch.Tensor:
@@ -107,10 +114,7 @@ class PrototypeHead(ContinualModel):
         return self.sums.shape[0]
 
     def begin_task(self, head_size: int) -> None:
-        extra = head_size - self.head_size
-        if extra > 0:
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
-            self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+        grow_buffers(self, ("sums", "counts"), head_size - self.head_size, dim=0)
         self._task = (torch.zeros_like(self.sums), torch.zeros_like(self.counts))
 
     def accumulate(self, features, present, targets) -> None:

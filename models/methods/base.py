@@ -5,7 +5,8 @@ import torch.nn as nn
 
 class FeatureStandardizer(nn.Module):
     """Centres each modality's frozen features (per-feature means) and scales the modality by one
-    number, so that its mean squared norm is 1. Fitted once, on the first task. One scale per
+    number, so that its mean squared norm is 1. Fitted once per modality, on the first task that
+    has it (a modality missing from the first task is fitted when it first appears). One scale per
     modality rather than per feature: per-feature spreads measured on the first task's few classes
     are unreliable for the classes that come later, and every modality weighs the same whatever its
     width (measured: BENCHMARKS.md)."""
@@ -15,11 +16,13 @@ class FeatureStandardizer(nn.Module):
         for m, d in modality_dims.items():
             self.register_buffer(f"{m}_mean", torch.zeros(d))
             self.register_buffer(f"{m}_std", torch.ones(d))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("fitted", torch.zeros(len(modality_dims), dtype=torch.bool))
+        self.modalities = list(modality_dims)
 
     def set(self, modality: str, mean: torch.Tensor, variance: torch.Tensor) -> None:
         getattr(self, f"{modality}_mean").copy_(mean.float())
         getattr(self, f"{modality}_std").fill_(float(variance.sum().sqrt().clamp_min(1e-6)))
+        self.fitted[self.modalities.index(modality)] = True
 
     def forward(self, features):
         return {m: (x - getattr(self, f"{m}_mean")) / getattr(self, f"{m}_std") for m, x in features.items()}

@@ -28,7 +28,7 @@ class LossWeights:
     rel: float = 1.0
     align: float = 0.1
     bal: float = 0.01
-    ewc: float = 0.0  # the ewc baseline's penalty weight
+    ewc: float = 100.0  # the ewc family's penalty weight (no other family reads it)
     kd_temperature: float = 2.0
     align_temperature: float = 0.1
 
