@@ -289,6 +289,9 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
             state.save()
             log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in row if a is not None)}")
             _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
+            for t in state.tasks[:-1]:  # the next task and a resume start from the last; MLflow holds the rest
+                if t["logged"]:
+                    shutil.rmtree(t["local"], ignore_errors=True)
             if on_task_end:
                 on_task_end(entry)
     except BaseException:

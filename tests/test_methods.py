@@ -84,3 +84,6 @@ def test_bench_writes_json_and_markdown_with_paired_differences(synthetic, tmp_p
     assert rows["finetune"]["avg_acc_mean"] < rows["ranpac"]["avg_acc_mean"]
     table = out.with_suffix(".md").read_text()
     assert "| method | avg acc |" in table and "vs ranpac (paired)" in table and "| finetune |" in table
+    sequences = [d for d in (tmp_path / "bench").iterdir() if d.is_dir() and d.name.startswith("synthetic")]
+    assert len(sequences) == 6  # each keeps only its last task's model (a 15-method table was 13 GB)
+    assert all([p.name for p in d.glob("task-*")] == ["task-2"] for d in sequences)
