@@ -39,13 +39,16 @@ def _run_one(cfg: RunConfig) -> dict:
     return run_sequence(cfg, log=lambda *_: None)
 
 
-def run_bench(config_for, methods: list[str], seeds: int, log=print) -> dict:
+def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str | None = None) -> dict:
+    """`merge`: an earlier bench JSON of the same benchmark, scenario, tasks and seeds, whose other
+    methods' runs join the table as they were (so that a changed method reruns alone)."""
     _quiet(False)
     if not methods:
         raise ValueError("no methods given")
     for m in methods:
         get_method(m)
     base = config_for(methods[0])
+    carried = carried_runs(merge, base, methods, seeds) if merge else []
     raw_path = prepare_data(base, log)[1]  # build and encode once, before sequences run side by side
     configs = sequence_configs(config_for, methods, seeds, str(Path(raw_path).resolve()))
     started = time.time()
@@ -66,7 +69,32 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print) -> dict:
         for cfg in configs:
             results.append(run_sequence(cfg, log=lambda *_: None))
             log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f}")
-    return summarize_bench(base, methods, seeds, results, time.time() - started)
+    summary = summarize_bench(base, [*methods, *dict.fromkeys(r["method"] for r in carried)], seeds,
+                              results + carried, time.time() - started)
+    if carried:
+        summary["carried_over"] = {"from": str(merge), "methods": list(dict.fromkeys(r["method"] for r in carried))}
+    return summary
+
+
+def carried_runs(path: str, base: RunConfig, methods: list[str], seeds: int) -> list[dict]:
+    """The runs of an earlier bench's methods that are not run again."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--merge {path}: cannot read it ({e})") from e
+    expected = {"benchmark": Path(base.data).stem if base.data else base.benchmark, "scenario": base.scenario,
+                "num_tasks": base.num_tasks, "seeds": seeds}
+    for key, value in expected.items():
+        if earlier.get(key) != value:
+            raise ValueError(f"--merge {path}: its {key} is {earlier.get(key)!r}, this bench's is {value!r}")
+    rows = {r["method"]: r for r in earlier["rows"]}
+    carried = []
+    for run in earlier["runs"]:
+        if run["method"] not in methods:
+            row = rows[run["method"]]  # earlier files kept the one-modality accuracies per method only
+            only = {k[len("avg_acc_only_"):-len("_mean")]: v for k, v in row.items() if k.startswith("avg_acc_only_")}
+            carried.append({"avg_acc_only": only, **run})
+    return carried
 
 
 def summarize_bench(base: RunConfig, methods: list[str], seeds: int, results: list[dict], seconds: float) -> dict:
@@ -89,7 +117,8 @@ def summarize_bench(base: RunConfig, methods: list[str], seeds: int, results: li
         rows.append(row)
     return {"benchmark": Path(base.data).stem if base.data else base.benchmark, "scenario": base.scenario, "num_tasks": base.num_tasks,
             "seeds": seeds, "executor": base.executor, "reference": reference, "seconds": seconds, "rows": rows,
-            "runs": [{k: r[k] for k in ("method", "seed", "acc_matrix", *METRICS)} for r in results]}
+            "runs": [{k: r[k] for k in ("method", "seed", "acc_matrix", *METRICS, "avg_acc_only") if k in r}
+                     for r in results]}
 
 
 def paired_verdict(row: dict, reference: str) -> str:
@@ -113,6 +142,8 @@ def markdown(summary: dict) -> str:
             f"vs {ref} (paired)", "seconds"]
     lines = [f"{summary['benchmark']}, {summary['scenario']}, {summary['num_tasks']} tasks, "
              f"{summary['seeds']} seeds (mean ± std), executor {summary['executor']}", "",
+             *([f"Rows of {', '.join(summary['carried_over']['methods'])}: carried over from "
+                f"{summary['carried_over']['from']}, not rerun.", ""] if "carried_over" in summary else []),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         pm = lambda k: f"{r[k + '_mean']:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731

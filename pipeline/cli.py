@@ -49,7 +49,7 @@ def _bench(args) -> int:
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         summary = run_bench(lambda method: load_config(args.config, [*overrides, f"method={method}"]), methods,
-                            args.seeds)
+                            args.seeds, merge=args.merge)
     except (ConfigError, DataError, ValueError) as e:
         print(f"mmcl: {e}", file=sys.stderr)
         return 2
@@ -296,6 +296,8 @@ def main(argv=None) -> int:
     bench.add_argument("--tasks", type=int)
     bench.add_argument("--executor", choices=["local", "ray"], default="local",
                        help="local: sequences in-process, side by side as Ray tasks; ray: Ray Train + DeepSpeed")
+    bench.add_argument("--merge", help="an earlier bench JSON (same benchmark, scenario, tasks, seeds): its other "
+                                       "methods' runs join this table as they were")
     bench.add_argument("overrides", nargs="*")
     bench.set_defaults(func=_bench)
     sweep = sub.add_parser("sweep", help="Ray Tune over whole sequences (experts, top-k, loss weights, lr)")

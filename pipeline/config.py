@@ -23,8 +23,9 @@ class ModelConfig:
     freeze_per_task: int = 1  # most influential experts frozen after each task
     experts_per_task: int = 0  # new experts added to every MoE layer at the start of each later task
     head: str = "analytic"  # cmoe's classifier: analytic (ridge on accumulated statistics) or cosine (gradient)
-    adapt_tasks: int = 1  # with the analytic head: tasks during which the adapter trains
+    adapt_tasks: int = 0  # with the analytic head: tasks during which the adapter trains (0: every task)
     projection: int = 2048  # random ReLU features of the ridge heads
+    class_gaussians: int = 64  # cmoe: covariance rank of each class's Gaussian of frozen features (0: none kept)
     memory: int = 200  # exemplar rows kept by replay
 
 

@@ -45,8 +45,8 @@ def test_every_method_learns_each_task(method, synthetic, tmp_path):
     result = run(synthetic, tmp_path, method)
     matrix = result["acc_matrix"]
     assert len(matrix) == 3 and all(matrix[i][i] > 0.8 for i in range(3)), matrix  # chance 0.5 within a task
-    if method in ("ranpac", "simplecil", "joint"):
-        assert result["avg_acc"] > 0.85, matrix  # nothing to forget, or every task's data
+    if method in ("ranpac", "simplecil", "joint", "cmoe"):
+        assert result["avg_acc"] > 0.85, matrix  # nothing to forget, old classes' Gaussians, or every task's data
     if method == "finetune":
         assert result["forgetting"] > 0.3, matrix  # the recency bias the other methods are measured against
 
@@ -87,3 +87,16 @@ def test_bench_writes_json_and_markdown_with_paired_differences(synthetic, tmp_p
     sequences = [d for d in (tmp_path / "bench").iterdir() if d.is_dir() and d.name.startswith("synthetic")]
     assert len(sequences) == 6  # each keeps only its last task's model (a 15-method table was 13 GB)
     assert all([p.name for p in d.glob("task-*")] == ["task-2"] for d in sequences)
+
+    # A changed method reruns alone; the others' runs join its table as they were.
+    merged = tmp_path / "merged.json"
+    assert main(["bench", "--data", str(synthetic), "--tasks", "3", "--methods", "simplecil", "--seeds", "2",
+                 "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}", "train.epochs=2",
+                 "model.projection=256"]) == 0
+    again = json.loads(merged.read_text())
+    assert [r["method"] for r in again["rows"]] == ["simplecil", "ranpac", "finetune"]
+    assert {(r["method"], r["seed"]): r["avg_acc"] for r in again["runs"]} == runs  # simplecil is deterministic
+    assert again["carried_over"]["methods"] == ["ranpac", "finetune"]
+    assert "carried over from" in merged.with_suffix(".md").read_text()
+    assert main(["bench", "--data", str(synthetic), "--tasks", "2", "--methods", "simplecil", "--seeds", "2",
+                 "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}"]) == 2  # other tasks: refused

@@ -1,4 +1,6 @@
 """Fast unit tests of the plain-PyTorch layer: losses, router, masking, expert freezing, head."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,62 @@ def test_a_modality_missing_from_the_first_task_is_standardised_when_it_first_ap
     assert model.standardizer.fitted.tolist() == [True, True]
     assert torch.equal(model.standardizer.a_mean, a_mean)  # fitted once
     assert 3 < float(model.standardizer.b_mean.mean()) < 7 and float(model.standardizer.b_std[0]) > 1
+
+
+def all_reduce_between(n: int):
+    """`n` reduce functions for `n` threads standing in for data-parallel workers: each call waits
+    for the others' and returns the sum, as torch.distributed.all_reduce does; a worker that
+    reduces something else, or a different number of times, fails or hangs."""
+    barrier, slots = threading.Barrier(n, timeout=10), [None] * n
+
+    def reduce_for(rank):
+        def reduce(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+        return reduce
+    return [reduce_for(r) for r in range(n)]
+
+
+def test_class_gaussians_from_two_workers_sums_match_the_rows_mean_and_covariance():
+    """Rank-3 rows (tokens in one modality, a vector in the other) split over data-parallel workers:
+    one never sees class 1, one sees no rows at all. Every worker ends with the same entries, which
+    hold the pooled rows' mean and exact covariance, and draws from them have it too."""
+    from models.methods.gaussians import ClassGaussians
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    rows = {c: randn(1, 12) + randn(300, 3) @ randn(3, 12) for c in (0, 1)}
+    as_batch = lambda x: {"a": x[:, :4].float(), "b": x[:, 4:].reshape(len(x), 2, 4).float()}  # noqa: E731
+    workers = [ClassGaussians(rank=4, num_modalities=2) for _ in range(3)]
+    for w in workers:
+        w.begin_task()
+    for c, x in rows.items():
+        parts = [x[:150], x[150:]] if c == 0 else [x[:0], x]
+        for w, part in zip(workers, parts):
+            if len(part):
+                w.accumulate(as_batch(part), torch.ones(len(part), 2, dtype=torch.bool), torch.full((len(part),), c))
+    threads = [threading.Thread(target=w.end_task, args=(reduce,), kwargs={"head_size": 2}) for w, reduce
+               in zip(workers, all_reduce_between(3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(torch.equal(workers[0].factors, w.factors) for w in workers[1:])
+    gaussians = workers[0]
+    assert gaussians.labels.tolist() == [0, 1] and gaussians.counts.tolist() == [300, 300]
+    assert gaussians.shapes.tolist() == [[0, 4], [2, 4]]
+    for e, (c, x) in enumerate(rows.items()):
+        f = gaussians.factors[e].double()
+        assert torch.allclose(gaussians.means[e].double(), x.mean(0), atol=1e-5)
+        assert torch.allclose(f.T @ f, torch.cov(x.T, correction=0), atol=1e-4)
+        assert gaussians.rest[e].max() < 1e-2  # rank 3 < 4: nothing left over
+    features, present, labels = gaussians.sample(torch.ones(20000, dtype=torch.long), ["a", "b"], g)
+    assert features["b"].shape == (20000, 2, 4) and bool(present.all()) and bool((labels == 1).all())
+    drawn = torch.cat([features["a"], features["b"].reshape(20000, -1)], 1).double()
+    assert torch.allclose(drawn.mean(0), rows[1].mean(0), atol=0.1)
+    assert torch.allclose(torch.cov(drawn.T), torch.cov(rows[1].T), rtol=0.1, atol=0.1)
+    reloaded = ClassGaussians(rank=4, num_modalities=2)
+    reloaded.load_state_dict(gaussians.state_dict())
+    assert torch.equal(reloaded.factors, gaussians.factors)

@@ -13,13 +13,14 @@ from pipeline.config import ConfigError, RunConfig, config_from_dict, read_yaml
 from pipeline.tracking import Tracker, tracking_uri
 
 METRIC = "val_avg_inc_acc"
-# What moves cmoe's results under its default analytic head: the adapter's first-task training.
-# (Distillation and relation weights act only on tasks after the adapter stops training.)
+# What shapes cmoe's adapter, which trains on every task.
 DEFAULT_SPACE = {
     "model.num_experts": {"choice": [2, 4, 8]},
     "model.top_k": {"choice": [1, 2]},
     "loss.align": {"loguniform": [0.01, 1.0]},
     "loss.bal": {"loguniform": [0.001, 0.1]},
+    "loss.kd": {"loguniform": [0.1, 10.0]},
+    "loss.rel": {"loguniform": [0.1, 10.0]},
     "train.lr": {"loguniform": [3e-4, 5e-3]},
     "train.epochs": {"choice": [5, 15, 30]},
 }

@@ -13,7 +13,7 @@ from models.methods.regularized import EWC, Replay
 
 FAMILIES = {"cmoe": CMoE, "ridge": RidgeHead, "prototype": PrototypeHead, "ewc": EWC, "replay": Replay}
 GRADIENT_ONLY = {"kd": 0.0, "rel": 0.0, "align": 0.0}
-COSINE = {"head": "cosine", "freeze_per_task": 0}  # the baselines' gradient-trained growing head
+COSINE = {"head": "cosine", "freeze_per_task": 0, "class_gaussians": 0}  # the baselines' gradient-trained head
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class Method:
 
 
 METHODS = {
-    "cmoe": Method("cmoe", "cross-modal MoE adapter (alignment, load balancing) adapted on the first task; "
-                           "analytic head over [frozen features, adapter output]"),
+    "cmoe": Method("cmoe", "cross-modal MoE adapter (alignment, load balancing, distillation, relations) trained "
+                           "every task with rows drawn from earlier classes' Gaussians; analytic head over "
+                           "[frozen features, adapter output]"),
     "finetune": Method("cmoe", "the same network trained with cross-entropy only", loss=GRADIENT_ONLY, model=COSINE),
     "joint": Method("cmoe", "upper bound: each task trains on every task's data so far", loss=GRADIENT_ONLY,
                     model=COSINE, joint=True),
@@ -48,10 +49,12 @@ METHODS = {
     "cmoe-no-freeze": Method("cmoe", "ablation: no expert freezing", model={"freeze_per_task": 0}),
     "cmoe-one-adapter": Method("cmoe", "ablation: one adapter instead of a mixture of experts",
                                model={"num_experts": 1, "top_k": 1, "freeze_per_task": 0}),
-    "cmoe-cosine-head": Method("cmoe", "ablation: the paper's gradient-trained cosine head, adapter training all tasks",
-                               model={"head": "cosine"}),
-    "cmoe-adapt-all": Method("cmoe", "ablation: analytic head, adapter (frozen experts aside) training every task",
-                             model={"adapt_tasks": 1000}),
+    "cmoe-cosine-head": Method("cmoe", "ablation: the paper's gradient-trained cosine head, adapter training all "
+                                       "tasks, no class Gaussians", model={"head": "cosine", "class_gaussians": 0}),
+    "cmoe-no-gaussians": Method("cmoe", "ablation: no class Gaussians; the adapter trains on the first task only",
+                                model={"class_gaussians": 0, "adapt_tasks": 1}),
+    "cmoe-adapt-all": Method("cmoe", "ablation: no class Gaussians; the adapter trains every task under statistics "
+                                     "gathered by its earlier selves", model={"class_gaussians": 0}),
 }
 
 

@@ -53,13 +53,21 @@ class RidgeStatistics(nn.Module):
     def features(self, x) -> torch.Tensor:
         return F.relu(x @ self.projection).double()
 
-    def accumulate(self, x, targets) -> None:
+    def accumulate(self, x, targets, shared: bool = False) -> None:
+        """This worker's rows, summed over workers at `end_task`; `shared`: rows every worker
+        holds alike (drawn from stored statistics), counted once."""
         phi = self.features(x)
         y = F.one_hot(targets, self.num_classes).double()
         holdout = (x.double().sum(1) * 1e3).floor().remainder(HOLDOUT_EVERY) == 0
+        into = {k: getattr(self, k) for k in self._task} if shared else self._task  # in place either way
         for mask, suffix in ((~holdout, ""), (holdout, "_val")):
-            self._task["gram" + suffix] += phi[mask].T @ phi[mask]
-            self._task["cross" + suffix] += phi[mask].T @ y[mask]
+            into["gram" + suffix] += phi[mask].T @ phi[mask]
+            into["cross" + suffix] += phi[mask].T @ y[mask]
+
+    def forget(self) -> None:
+        """Drops the statistics of earlier tasks (their inputs have changed)."""
+        for name in ("gram", "gram_val", "cross", "cross_val"):
+            getattr(self, name).zero_()
 
     def end_task(self, reduce) -> None:
         for name, delta in self._task.items():

@@ -27,6 +27,9 @@ class FeatureStandardizer(nn.Module):
     def forward(self, features):
         return {m: (x - getattr(self, f"{m}_mean")) / getattr(self, f"{m}_std") for m, x in features.items()}
 
+    def invert(self, standardized):
+        return {m: x * getattr(self, f"{m}_std") + getattr(self, f"{m}_mean") for m, x in standardized.items()}
+
 
 class ContinualModel(nn.Module):
     """A model and how it learns one task; the worker loop calls, for each task:

@@ -4,9 +4,12 @@ The classifier (`head`) is either `analytic` (default): a ridge head over a rand
 projection of [the pooled frozen features, the adapter's fused vector z], fitted from statistics
 accumulated task by task, so it keeps every class's decision statistics exactly; or `cosine`: a
 growing cosine classifier trained by gradient (the literal reading of the paper, which forgets).
-With the analytic head the adapter learns during the first `adapt_tasks` tasks (with a cosine
-head as its training signal) and is then frozen, since features that keep moving would
-invalidate the statistics already accumulated (DESIGN.md section 5).
+The adapter trains on every task (or the first `adapt_tasks`), with a cosine head as its training
+signal. Features that move would invalidate statistics gathered under the old adapter (DESIGN.md
+section 5), so each class keeps a Gaussian of its frozen features (`class_gaussians`, their
+covariance rank), which never move: rows drawn from earlier tasks' Gaussians join each training
+batch, and after each task the ridge statistics of earlier tasks are rebuilt from such rows passed
+through the current adapter.
 """
 from dataclasses import dataclass
 
@@ -19,6 +22,9 @@ from models.adapter import MMEncoder
 from models.heads import CosineClassifier
 from models.methods.analytic import RidgeStatistics
 from models.methods.base import ContinualModel
+from models.methods.gaussians import ClassGaussians
+
+REFIT_CHUNK = 256
 
 
 @dataclass
@@ -36,8 +42,8 @@ class LossWeights:
 class CMoE(ContinualModel):
     def __init__(self, modality_dims: dict[str, int], num_classes: int = 0, dim: int = 128, blocks: int = 2,
                  heads: int = 4, num_experts: int = 4, top_k: int = 2, bottleneck: int = 32, dropout: float = 0.1,
-                 freeze_per_task: int = 1, experts_per_task: int = 0, head: str = "analytic", adapt_tasks: int = 1,
-                 projection: int = 2048):
+                 freeze_per_task: int = 1, experts_per_task: int = 0, head: str = "analytic", adapt_tasks: int = 0,
+                 projection: int = 2048, class_gaussians: int = 64):
         super().__init__(modality_dims)
         if head not in ("analytic", "cosine"):
             raise ValueError(f"head must be analytic or cosine, not '{head}'")
@@ -46,6 +52,7 @@ class CMoE(ContinualModel):
         self.head = CosineClassifier(dim, num_classes)
         self.ridge = RidgeStatistics(sum(modality_dims.values()) + dim, projection, num_classes) \
             if head == "analytic" else None
+        self.gaussians = ClassGaussians(class_gaussians, len(modality_dims)) if class_gaussians else None
         self.register_buffer("tasks_done", torch.zeros((), dtype=torch.long))
 
     @property
@@ -60,6 +67,8 @@ class CMoE(ContinualModel):
         self.head.grow(head_size - self.head.num_classes)
         if self.ridge is not None:
             self.ridge.begin_task(head_size)
+        if self.gaussians is not None:
+            self.gaussians.begin_task()
         for moe in self.encoder.moe_layers:
             if later_task:
                 moe.add_experts(self.experts_per_task)
@@ -70,10 +79,38 @@ class CMoE(ContinualModel):
         self.freeze_most_used_experts([reduce(m.routing_mass.clone()) for m in self.encoder.moe_layers],
                                       self.freeze_per_task)
         if self.ridge is not None:
+            if self.gaussians is not None and len(self.gaussians) and self.adapting:
+                self.refit_ridge_inputs()
             self.ridge.end_task(reduce)
+        if self.gaussians is not None:
+            self.gaussians.end_task(reduce, self.head_size)
         self.tasks_done += 1
 
+    @property
+    def adapting(self) -> bool:
+        """Whether the adapter trains in the current task."""
+        return self.ridge is None or not self.adapt_tasks or int(self.tasks_done) < self.adapt_tasks
+
+    def replayed(self, entries: torch.Tensor, generator=None):
+        """Rows drawn from the given class Gaussians, as raw features like the real rows."""
+        features, present, targets = self.gaussians.sample(entries, self.modalities, generator)
+        return self.standardizer.invert(features), present, targets
+
+    @torch.no_grad()
+    def refit_ridge_inputs(self) -> None:
+        """The adapter has moved: the ridge statistics of earlier tasks, gathered under the old
+        adapter, are replaced by as many rows drawn from each of their class Gaussians, passed
+        through the current adapter. Drawn alike on every worker and counted once."""
+        self.ridge.forget()
+        generator = torch.Generator().manual_seed(int(self.tasks_done))
+        entries = torch.repeat_interleave(torch.arange(len(self.gaussians)), self.gaussians.counts.long().cpu())
+        for chunk in entries.split(REFIT_CHUNK):
+            features, present, targets = self.replayed(chunk.to(self.gaussians.counts.device), generator)
+            self.ridge.accumulate(self.ridge_input(features, present), targets, shared=True)
+
     def accumulate(self, features, present, targets) -> None:
+        if self.gaussians is not None:
+            self.gaussians.accumulate(self.standardizer(features), present, targets)
         if self.ridge is not None:
             self.ridge.accumulate(self.ridge_input(features, present), targets)
 
@@ -87,7 +124,7 @@ class CMoE(ContinualModel):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Marks frozen experts `requires_grad=False` and returns what the optimizer may change:
         nothing once an analytic head's adapter has had its `adapt_tasks`."""
-        if self.ridge is not None and int(self.tasks_done) >= self.adapt_tasks:
+        if not self.adapting:
             self.requires_grad_(False)
             return []
         for moe in self.encoder.moe_layers:
@@ -107,17 +144,28 @@ class CMoE(ContinualModel):
     def forward_features(self, features, present):
         return self.encoder(self.standardizer(features), present)
 
-    def forward(self, features, present):
-        """`logits` classify (the analytic head once fitted); `cosine_logits` train the adapter."""
+    def adapter_outputs(self, features, present):
+        """What trains the adapter: the cosine head's logits and the representations."""
         z_m, z = self.forward_features(features, present)
-        cosine = self.head(z)
-        logits = cosine if self.ridge is None or not int(self.tasks_done) else self.ridge(
-            self.ridge_input(features, present, z))
-        return {"logits": logits, "cosine_logits": cosine, "z": z, "z_m": z_m}
+        return {"cosine_logits": self.head(z), "z": z, "z_m": z_m}
+
+    def forward(self, features, present):
+        """`logits` classify (the analytic head once fitted)."""
+        out = self.adapter_outputs(features, present)
+        out["logits"] = out["cosine_logits"] if self.ridge is None or not int(self.tasks_done) else self.ridge(
+            self.ridge_input(features, present, out["z"]))
+        return out
 
     def objective(self, features, present, targets, w: LossWeights, old_model=None, seen_before: int = 0):
-        """Loss terms for one batch. `targets` index the head; classes < seen_before are old."""
-        out = self(features, present)
+        """Loss terms for one batch. `targets` index the head; classes < seen_before are old. With
+        class Gaussians, the batch is joined by rows drawn from earlier tasks' classes, as many per
+        class as the batch has per class."""
+        if self.gaussians is not None and len(self.gaussians):
+            per_class = len(targets) / len(targets.unique())
+            drawn = self.replayed(self.gaussians.draw(round(per_class * len(self.gaussians.labels.unique()))))
+            features = {m: torch.cat([x, drawn[0][m]]) for m, x in features.items()}
+            present, targets = torch.cat([present, drawn[1]]), torch.cat([targets, drawn[2]])
+        out = self.adapter_outputs(features, present)
         terms = {"ce": F.cross_entropy(out["cosine_logits"], targets)}
         if w.align:
             terms["align"] = losses.alignment(out["z_m"], present, w.align_temperature)
@@ -125,7 +173,7 @@ class CMoE(ContinualModel):
             terms["bal"] = self.encoder.balance_loss()
         if old_model is not None:
             with torch.no_grad():
-                old = old_model(features, present)
+                old = old_model.adapter_outputs(features, present)
             if w.kd and seen_before:
                 terms["kd"] = losses.distillation(out["cosine_logits"], old["cosine_logits"][:, :seen_before],
                                                   w.kd_temperature)
