@@ -78,7 +78,11 @@ class TaskModel(mlflow.pyfunc.PythonModel):
 
 
 def tracking_uri(cfg: RunConfig) -> str:
-    return cfg.tracking.uri or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+    return cfg.tracking.uri or local_store(cfg)
+
+
+def local_store(cfg: RunConfig) -> str:
+    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
 def ui_command(cfg: RunConfig) -> str:
@@ -96,8 +100,8 @@ class Tracker:
         name = experiment_name(cfg)
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            artifacts = None
-            if not cfg.tracking.uri:
+            artifacts = None  # a tracking server's own artifact store, or a local store's folder beside it
+            if self.uri == local_store(cfg):  # (a sweep passes its local store on to its trials by URI)
                 artifacts = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
         else:

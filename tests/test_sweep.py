@@ -38,6 +38,7 @@ def test_sweep_nests_trials_records_failures_and_writes_a_runnable_best_config(r
         assert sorted(r.data.tags["mmcl.task_index"] for r in tasks) == ["0", "1"]
         assert trial.data.params["train.val_fraction"] == "0.1"
     assert "best.yaml" in {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()  # not ./mlruns wherever it was started
 
 
 def test_a_local_executor_sweep_trains_each_trial_in_its_own_process(ray_local, tmp_path, capsys):
