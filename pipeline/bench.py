@@ -69,10 +69,10 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str 
         for cfg in configs:
             results.append(run_sequence(cfg, log=lambda *_: None))
             log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f}")
-    summary = summarize_bench(base, [*methods, *dict.fromkeys(r["method"] for r in carried)], seeds,
-                              results + carried, time.time() - started)
+    carried_methods = list(dict.fromkeys(r["method"] for r in carried))
+    summary = summarize_bench(base, [*methods, *carried_methods], seeds, results + carried, time.time() - started)
     if carried:
-        summary["carried_over"] = {"from": str(merge), "methods": list(dict.fromkeys(r["method"] for r in carried))}
+        summary["carried_over"] = {"from": str(merge), "methods": carried_methods}
     return summary
 
 

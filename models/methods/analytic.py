@@ -16,6 +16,7 @@ from models.methods.base import ContinualModel
 
 RIDGE_GRID = tuple(10.0**k for k in range(-2, 7))
 HOLDOUT_EVERY = 5
+SUMS = ("gram", "gram_val", "cross", "cross_val")  # RidgeStatistics' running sums (the _val ones: held-out rows)
 
 
 def grow_buffers(module: nn.Module, names, extra: int, dim: int) -> None:
@@ -48,7 +49,7 @@ class RidgeStatistics(nn.Module):
 
     def begin_task(self, head_size: int) -> None:
         grow_buffers(self, ("cross", "cross_val", "weight"), head_size - self.num_classes, dim=1)
-        self._task = {k: torch.zeros_like(getattr(self, k)) for k in ("gram", "gram_val", "cross", "cross_val")}
+        self._task = {k: torch.zeros_like(getattr(self, k)) for k in SUMS}
 
     def features(self, x) -> torch.Tensor:
         return F.relu(x @ self.projection).double()
@@ -59,14 +60,14 @@ class RidgeStatistics(nn.Module):
         phi = self.features(x)
         y = F.one_hot(targets, self.num_classes).double()
         holdout = (x.double().sum(1) * 1e3).floor().remainder(HOLDOUT_EVERY) == 0
-        into = {k: getattr(self, k) for k in self._task} if shared else self._task  # in place either way
+        into = {k: getattr(self, k) for k in SUMS} if shared else self._task  # in place either way
         for mask, suffix in ((~holdout, ""), (holdout, "_val")):
             into["gram" + suffix] += phi[mask].T @ phi[mask]
             into["cross" + suffix] += phi[mask].T @ y[mask]
 
     def forget(self) -> None:
         """Drops the statistics of earlier tasks (their inputs have changed)."""
-        for name in ("gram", "gram_val", "cross", "cross_val"):
+        for name in SUMS:
             getattr(self, name).zero_()
 
     def end_task(self, reduce) -> None:

@@ -28,6 +28,7 @@ class ClassGaussians(nn.Module):
         self.register_buffer("presence", torch.zeros(0, 0))  # per entry and modality: fraction present
         self.register_buffer("shapes", torch.zeros(0, 2, dtype=torch.long))  # per modality: tokens (0: none), width
         self._task = None
+        self._omegas = {}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self.BUFFERS:  # entries grow task by task: take the saved shapes
@@ -47,8 +48,12 @@ class ClassGaussians(nn.Module):
         return torch.cat([x.reshape(len(x), -1) * present[:, i, None] for i, x in enumerate(features.values())], 1)
 
     def _omega(self, dim: int, device) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(dim, OVERSAMPLE * self.rank, generator=g, dtype=torch.float64).to(device)
+        """The sketch's random matrix: the same on every worker and every call."""
+        key = (dim, str(device))
+        if key not in self._omegas:
+            g = torch.Generator().manual_seed(0)
+            self._omegas[key] = torch.randn(dim, OVERSAMPLE * self.rank, generator=g, dtype=torch.float64).to(device)
+        return self._omegas[key]
 
     def _blocks(self) -> list[slice]:
         widths = (self.shapes[:, 0].clamp_min(1) * self.shapes[:, 1]).tolist()
@@ -84,9 +89,10 @@ class ClassGaussians(nn.Module):
         if shapes[0, 0] == 0:
             return
         self.shapes = (shapes[1:] / shapes[0, 0]).round().long()
-        dim, m = int(self._blocks()[-1].stop), len(self.shapes)
-        omega = self._omega(dim, device)
         blocks = self._blocks()
+        dim, m = blocks[-1].stop, len(blocks)
+        omega = self._omega(dim, device)
+        widths = torch.tensor([b.stop - b.start for b in blocks], dtype=torch.float64, device=device)
         for c in torch.nonzero(seen > 0).flatten().tolist():
             s = task.get(c) or {"n": omega.new_zeros(1), "sum": omega.new_zeros(dim),
                                 "sketch": torch.zeros_like(omega), "squares": omega.new_zeros(m),
@@ -99,7 +105,6 @@ class ClassGaussians(nn.Module):
             values = values / n  # covariance eigenvalues
             low_rank = torch.stack([(vectors[b].pow(2) * values).sum() for b in blocks])
             total = torch.stack([s["squares"][i] / n - mean[b].pow(2).sum() for i, b in enumerate(blocks)])
-            widths = torch.tensor([b.stop - b.start for b in blocks], dtype=torch.float64, device=omega.device)
             rest = ((total - low_rank).clamp_min(0) / widths).sqrt()
             self._append(c, n, mean, (vectors * values.sqrt()).T, rest, s["present"] / n)
 
@@ -152,6 +157,6 @@ class ClassGaussians(nn.Module):
             features[m] = part.reshape(n, tokens, width) if tokens else part
         return features, present, self.labels[entries]
 
-    def draw(self, n: int, generator=None) -> torch.Tensor:
+    def draw(self, n: int) -> torch.Tensor:
         """`n` entries, each as likely as its share of the rows."""
-        return torch.multinomial(self.counts.cpu(), n, replacement=True, generator=generator).to(self.counts.device)
+        return torch.multinomial(self.counts.cpu(), n, replacement=True).to(self.counts.device)
