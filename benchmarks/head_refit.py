@@ -17,7 +17,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.driver import _quiet, prepare_data
 from pipeline.evaluate import predict
-from pipeline.worker import load_model, to_tensors
+from pipeline.data import batch_to_arrays
+from pipeline.worker import load_model
 
 
 def refit(model, rows: dict | None, modalities, class_index) -> None:
@@ -29,9 +30,10 @@ def refit(model, rows: dict | None, modalities, class_index) -> None:
             model.refit_ridge_inputs()
         else:
             for lo in range(0, len(rows["label"]), 256):
-                feats, present, targets = to_tensors({k: v[lo:lo + 256] for k, v in rows.items()}, modalities,
-                                                     class_index)
-                model.ridge.accumulate(model.ridge_input(feats, present), targets)
+                feats, present, labels = batch_to_arrays({k: v[lo:lo + 256] for k, v in rows.items()}, modalities)
+                feats = {m: torch.from_numpy(x) for m, x in feats.items()}
+                model.ridge.accumulate(model.ridge_input(feats, torch.from_numpy(present)),
+                                       torch.from_numpy(class_index[labels]))
     model.ridge.end_task(lambda t: t)
 
 

@@ -84,7 +84,7 @@ class MoEAdapter(nn.Module):
         for e, expert in enumerate(self.experts):
             rows = gates[:, e].nonzero(as_tuple=True)[0]
             if rows.numel():
-                out = out.index_add(0, rows, gates[rows, e, None] * expert(x[rows]))
+                out = out.index_add(0, rows, (gates[rows, e, None] * expert(x[rows])).to(out.dtype))  # bf16 autocast
             elif self.training:
                 # A zero gradient for an expert no token chose, so that data-parallel workers
                 # (DeepSpeed's gradient buckets) always reduce the same set of parameters.

@@ -32,13 +32,17 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 15
-    batch_size: int = 32
+    batch_size: int = 32  # per worker
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    num_workers: int = 2
-    cpus_per_worker: float = 0.5  # fractional so Ray Data's read tasks still get a CPU on 2 cores
-    zero_stage: int = 2
+    num_workers: int = 0  # Ray Train workers; 0: one per node (per GPU with use_gpu)
+    cpus_per_worker: float = 0  # 0: the smallest node's CPUs (each worker runs that many torch threads)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage over the adapter (0 is fastest for it: BENCHMARKS.md)
+    bucket_size: int = 500_000_000  # ZeRO 1-2: reduce and all-gather bucket, in elements
+    overlap_comm: bool = False  # ZeRO 1-2: overlap gradient reduction with the backward pass
+    precision: str = "auto"  # fp32 | bf16 (autocast, fp32 master weights) | auto: bf16 on GPU, else fp32
     use_gpu: bool = False
+    max_failures: int = 1  # worker failures a fit recovers from (from the latest epoch checkpoint); -1: any
     val_fraction: float = 0.0  # of each class's train rows held out for validation when no 'val' rows exist
 
 
@@ -198,8 +202,10 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("train.val_fraction must be in [0, 1)")
     if cfg.train.epochs < 1:
         raise ConfigError("train.epochs must be at least 1")
-    if cfg.train.num_workers < 1:
-        raise ConfigError("train.num_workers must be at least 1")
+    if cfg.train.num_workers < 0 or cfg.train.cpus_per_worker < 0:
+        raise ConfigError("train.num_workers and train.cpus_per_worker must be positive (0: automatic)")
+    if cfg.train.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, not '{cfg.train.precision}'")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("train.zero_stage must be 0, 1, 2 or 3")
     if not 1 <= cfg.model.top_k <= cfg.model.num_experts:

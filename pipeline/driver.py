@@ -1,4 +1,4 @@
-"""Walks a task sequence: one Ray Train fit per task, evaluation, MLflow, resume after a crash."""
+"""Walks a task sequence: one Ray Train fit over its tasks, MLflow as each task ends, resume after a crash."""
 import json
 import logging
 import os
@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray.train
 from ray.train import UserCallback
 
@@ -17,12 +18,13 @@ from pipeline.benchmarks import benchmark_path
 from pipeline.cache import build_features, encoder_specs
 from pipeline.config import RunConfig
 from pipeline.data import load_data
-from pipeline.evaluate import predict, summarize
+from pipeline.evaluate import summarize
 from pipeline.scenario import make_scenario
 from pipeline.tracking import NoTracker, Tracker, data_fingerprint
-from pipeline.worker import load_model, train_func_per_worker, train_task_local
+from pipeline.worker import learn_sequence_local, save_model, train_func_per_worker
 
 STATE_FILE = "state.json"
+CONTROLLER_POLL_S = 0.1
 
 
 class SequenceState:
@@ -69,6 +71,22 @@ def init_ray(cfg: RunConfig, verbose: bool) -> None:
     ctx.print_on_execution_start = verbose
 
 
+def worker_resources(cfg: RunConfig) -> tuple[int, float, str]:
+    """(workers, CPUs per worker, placement strategy). Unset (0): on GPUs one worker per GPU; on CPUs
+    one worker per node holding that node's CPUs, which beat more, smaller workers on one node
+    (BENCHMARKS.md, "Workers and CPUs")."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if cfg.train.use_gpu:
+        gpus = int(sum(n.get("GPU", 0) for n in nodes))
+        return cfg.train.num_workers or max(1, gpus), cfg.train.cpus_per_worker or 1, "PACK"
+    cpus = cfg.train.cpus_per_worker or min(n["CPU"] for n in nodes)
+    if cfg.train.num_workers:
+        return cfg.train.num_workers, cpus, "PACK"
+    return len(nodes), cpus, "SPREAD"
+
+
 def _quiet(verbose: bool) -> None:
     if verbose:
         return
@@ -78,14 +96,15 @@ def _quiet(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-class ProgressCallback(UserCallback):
-    """Forwards rank 0's per-epoch report from the Ray Train controller to the driver's queue."""
+class ForwardReports(UserCallback):
+    """Forwards rank 0's reports and their persisted checkpoints from the Ray Train controller to
+    the driver's queue."""
 
     def __init__(self, queue):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put({k: v for k, v in metrics[0].items() if k != "history"})
+        self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint})
 
 
 def _epoch_line(m: dict) -> str:
@@ -96,16 +115,39 @@ def _epoch_line(m: dict) -> str:
             f"loss {m['loss']:.4f} ({terms}) {m['seconds']:.0f}s")
 
 
-def fit_with_progress(trainer_factory, log):
-    """Runs `trainer.fit()` in a daemon thread and prints each epoch's line as it arrives; Ctrl-C
-    returns at once (the thread dies with the process, Ray's exit hook stops the workers)."""
+def fit_sequence(cfg: RunConfig, config: dict, table, name: str, storage: str, verbose: bool, on_report):
+    """One Ray Train fit over the remaining tasks: `trainer.fit()` runs in a daemon thread while this
+    thread hands every report to `on_report(metrics, checkpoint)`; Ctrl-C returns at once (the thread
+    dies with the process, Ray's exit hook stops the workers)."""
+    import ray.data
+    from ray.train import DataConfig, FailureConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
+    # The controller takes one report per poll and a worker's next report waits for it: at Ray's 2 s
+    # default an epoch shorter than that would wait (BENCHMARKS.md, "Fixed costs").
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
+    workers, cpus, placement = worker_resources(cfg)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else "bf16" if cfg.train.use_gpu else "fp32"
+    config = {**config, "train": {**config["train"], "cpus_per_worker": cpus, "precision": precision}}
     queue, outcome = Queue(actor_options={"num_cpus": 0}), {}
+    trainer = TorchTrainer(
+        train_func_per_worker, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus},
+            placement_strategy=placement),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, callbacks=[ForwardReports(queue)],
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=ray.train.LoggingConfig("INFO" if verbose else "ERROR")),
+        datasets={"rows": ray.data.from_arrow(table)},
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker holds the rows; see pipeline/worker.py
+    )
 
     def fit():
         try:
-            outcome["result"] = trainer_factory(ProgressCallback(queue)).fit()
+            outcome["result"] = trainer.fit()
         except BaseException as e:  # re-raised in the caller's thread
             outcome["error"] = e
 
@@ -114,9 +156,10 @@ def fit_with_progress(trainer_factory, log):
     try:
         while thread.is_alive() or not queue.empty():
             try:
-                log(_epoch_line(queue.get(timeout=0.5)))
+                report = queue.get(timeout=0.2)
             except Empty:
-                pass
+                continue
+            on_report(report["metrics"], report["checkpoint"])
     finally:
         queue.shutdown()
     if "error" in outcome:
@@ -125,45 +168,11 @@ def fit_with_progress(trainer_factory, log):
 
 
 def task_rows(task, scenario, joint: bool):
-    """(column, values) selecting a task's training rows; with `joint`, every task's so far."""
+    """(column, values) selecting a task's rows; with `joint`, every task's so far."""
     tasks = scenario.tasks[:task.index + 1] if joint else [task]
     if scenario.kind == "domain-il":
         return "domain", [d for t in tasks for d in t.domains]
     return "label", [c for t in tasks for c in t.classes]
-
-
-def task_config(cfg: RunConfig, spec: dict, task, scenario, class_index, verbose: bool) -> dict:
-    return {"task_index": task.index, "num_tasks": len(scenario.tasks), "seed": cfg.seed, "verbose": verbose,
-            "spec": spec, "train": vars(cfg.train), "loss": vars(cfg.loss),
-            "head_size": scenario.head_size_after(task.index), "class_index": class_index.tolist()}
-
-
-def fit_task(cfg: RunConfig, config: dict, rows, data_path: str, init_checkpoint, run_dir: Path, verbose: bool, log,
-             held_out_ids: list[str]):
-    import ray.data
-    from ray.data.expressions import col
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    column, values = rows
-    expr = (col("split") == "train") & col(column).is_in(values)
-    if held_out_ids:
-        expr = expr & col("sample_id").not_in(held_out_ids)
-    train = ray.data.read_parquet(data_path).filter(expr=expr).materialize()  # read once, not once per epoch
-
-    trainer_factory = lambda callback: TorchTrainer(  # noqa: E731
-        train_func_per_worker,
-        train_loop_config={**config, "init_checkpoint": init_checkpoint},
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker=None if cfg.train.use_gpu else {"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"task-{config['task_index']}", storage_path=cfg.storage_path or str((run_dir / "ray").resolve()),
-            callbacks=[callback], logging_config=ray.train.LoggingConfig("INFO" if verbose else "ERROR")),
-        datasets={"train": train},
-    )
-    result = fit_with_progress(trainer_factory, log)
-    return result.checkpoint, result.metrics["history"]
 
 
 def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray, fraction: float,
@@ -190,17 +199,6 @@ def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.nd
             taken += counts
             split[train[rows_of_group[g]]] = "val"
     return split, sample_ids[split == "val"].tolist()
-
-
-def accuracy_row(model, columns: dict, rows_per_task: list, upto: int, targets: np.ndarray, modalities,
-                 only: str | None = None) -> list:
-    """Accuracy on each task 0..upto's rows, with every seen class competing; None for later tasks."""
-    row = [None] * len(rows_per_task)
-    for j in range(upto + 1):
-        rows = rows_per_task[j]
-        pred = predict(model, {k: v[rows] for k, v in columns.items()}, modalities, only=only)
-        row[j] = float((pred == targets[rows]).mean())
-    return row
 
 
 def prepare_data(cfg: RunConfig, log=print, verbose: bool = False):
@@ -235,11 +233,14 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     method = get_method(cfg.method)
     spec = {"family": method.family, "modalities": data.modalities, "class_order": scenario.class_order,
             "encoders": encoders, "tokens": cfg.encoder_tokens, "model": vars(cfg.model)}
-    split, held_out_ids = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction,
-                                              data.column("group") if "group" in data.table.column_names else None)
-    eval_cols = {c: data.column(c) for c in ["label", *data.modalities]}
-    eval_rows = {s: [np.flatnonzero((split == s) & scenario.task_mask(t, labels, domains)) for t in scenario.tasks]
-                 for s in ("val", "test") if (split == s).any()}
+    split, _ = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction,
+                                   data.column("group") if "group" in data.table.column_names else None)
+    table = data.table.select(["label", "domain", *data.modalities]).append_column("split", pa.array(split))
+    tasks = [{"index": t.index, "head_size": scenario.head_size_after(t.index),
+              "train": task_rows(t, scenario, method.joint), "eval": task_rows(t, scenario, False)}
+             for t in scenario.tasks]
+    config = {"tasks": tasks, "first_task": len(state.tasks), "seed": cfg.seed, "spec": spec, "train": vars(cfg.train),
+              "loss": vars(cfg.loss), "class_index": class_index.tolist(), "verbose": verbose}
 
     tracker = Tracker(cfg) if cfg.tracking.enabled else NoTracker()
     resumed = bool(state.tasks)
@@ -248,52 +249,46 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     state.save()
     if resumed:
         log(f"Resuming {run_dir}: tasks 0-{len(state.tasks) - 1} already finished")
+
+    def task_header(i: int) -> None:
+        if i < len(scenario.tasks):
+            t = scenario.tasks[i]
+            log(f"Task {i + 1}/{len(scenario.tasks)}: "
+                + (f"classes {t.classes}" if scenario.kind == "class-il" else f"domains {t.domains}"))
+
+    def finish_task(entry: dict, checkpoint_path: str, local: Path) -> None:
+        """A task's model is in `local` (and at `checkpoint_path`, where the next run resumes from):
+        record it, log it to MLflow, tell the caller."""
+        task = scenario.tasks[entry["index"]]
+        matrix = [t["row"] for t in state.tasks] + [entry["rows"]["test"]]
+        done = {"index": task.index, "classes": task.classes, "domains": task.domains, "checkpoint": checkpoint_path,
+                "local": str(local), "row": entry["rows"]["test"], "history": entry["history"],
+                "summary": summarize(matrix), "logged": False}
+        if "val" in entry["rows"]:
+            done["val_row"] = entry["rows"]["val"]
+            done["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [done["val_row"]])
+        if "modality_acc" in entry:
+            done["modality_acc"] = entry["modality_acc"]
+        state.tasks.append(done)
+        state.data["seconds"] = seconds_before + time.time() - started
+        state.save()
+        log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in done['row'] if a is not None)}")
+        _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
+        for t in state.tasks[:-1]:  # the next task and a resume start from the last; MLflow holds the rest
+            if t["logged"]:
+                shutil.rmtree(t["local"], ignore_errors=True)
+        if on_task_end:
+            on_task_end(done)
+        task_header(task.index + 1)
+
     try:
         _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
-        if cfg.executor == "ray":
-            init_ray(cfg, verbose)
-        for task in scenario.tasks[len(state.tasks):]:
-            log(f"Task {task.index + 1}/{len(scenario.tasks)}: "
-                + (f"classes {task.classes}" if scenario.kind == "class-il" else f"domains {task.domains}"))
-            config = task_config(cfg, spec, task, scenario, class_index, verbose)
-            rows = task_rows(task, scenario, method.joint)
-            local = run_dir / f"task-{task.index}"
+        task_header(len(state.tasks))
+        if len(state.tasks) < len(scenario.tasks):
             if cfg.executor == "local":
-                mask = (split == "train") & np.isin(data.column(rows[0]), rows[1])
-                history = train_task_local(config, data.table.filter(mask), state.tasks[-1]["local"] if state.tasks
-                                           else None, local, lambda m: log(_epoch_line(m)))
-                checkpoint_path = str(local)
+                run_local(config, table, state, run_dir, log, finish_task)
             else:
-                prev = state.tasks[-1]["checkpoint"] if state.tasks else None
-                checkpoint, history = fit_task(cfg, config, rows, data_path, ray.train.Checkpoint(prev) if prev else None,
-                                               run_dir, verbose, log, held_out_ids)
-                checkpoint.to_directory(str(local))
-                checkpoint_path = checkpoint.path
-            model, _ = load_model(local)
-            rows = {s: accuracy_row(model, eval_cols, r, task.index, class_index[labels], data.modalities)
-                    for s, r in eval_rows.items()}
-            row, val_row = rows["test"], rows.get("val")
-            matrix = [t["row"] for t in state.tasks] + [row]
-            entry = {"index": task.index, "classes": task.classes, "domains": task.domains,
-                     "checkpoint": checkpoint_path, "local": str(local), "row": row,
-                     "history": history, "summary": summarize(matrix), "logged": False}
-            if val_row is not None:
-                entry["val_row"] = val_row
-                entry["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [val_row])
-            if len(data.modalities) > 1 and task.index == len(scenario.tasks) - 1:
-                entry["modality_acc"] = {m: float(np.mean(accuracy_row(model, eval_cols, eval_rows["test"], task.index,
-                                                                       class_index[labels], data.modalities, only=m)))
-                                         for m in data.modalities}
-            state.tasks.append(entry)
-            state.data["seconds"] = seconds_before + time.time() - started
-            state.save()
-            log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in row if a is not None)}")
-            _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
-            for t in state.tasks[:-1]:  # the next task and a resume start from the last; MLflow holds the rest
-                if t["logged"]:
-                    shutil.rmtree(t["local"], ignore_errors=True)
-            if on_task_end:
-                on_task_end(entry)
+                run_on_ray(cfg, config, table, state, run_dir, verbose, log, finish_task)
     except BaseException:
         tracker.fail_sequence(state.data["mlflow_run_id"])
         raise
@@ -310,6 +305,48 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     state.data["complete"] = True
     state.save()
     return result
+
+
+def run_local(config: dict, table, state: SequenceState, run_dir: Path, log, finish_task) -> None:
+    """The remaining tasks in this process (`executor=local`)."""
+    def on_task_end(model, entry):
+        local = run_dir / f"task-{entry['index']}"
+        local.mkdir(parents=True, exist_ok=True)
+        save_model(model, config["spec"], local)
+        log(_epoch_line({**entry["history"][-1], **progress, "task": entry["index"]}))
+        finish_task(entry, str(local), local)
+
+    progress = {"num_tasks": len(config["tasks"]), "epochs": config["train"]["epochs"]}
+    init = state.tasks[-1]["local"] if state.tasks else None
+    learn_sequence_local(config, table, init, lambda t, m: log(_epoch_line({**m, **progress, "task": t})), on_task_end)
+
+
+def run_on_ray(cfg: RunConfig, config: dict, table, state: SequenceState, run_dir: Path, verbose: bool, log,
+               finish_task) -> None:
+    """The remaining tasks in one Ray Train fit. Storage keeps the newest task's checkpoint and the
+    current task's epoch checkpoints; older ones are deleted once their task is logged."""
+    init_ray(cfg, verbose)
+    prev = state.tasks[-1]["checkpoint"] if state.tasks else None
+    config = {**config, "init_checkpoint": ray.train.Checkpoint(prev) if prev else None}
+    storage = cfg.storage_path or str((run_dir / "ray").resolve())
+    stale = []
+
+    def on_report(metrics: dict, checkpoint) -> None:
+        if metrics["kind"] == "epoch":
+            log(_epoch_line(metrics))
+            stale.append(checkpoint)
+            return
+        entry = metrics["entry"]
+        log(_epoch_line(metrics))
+        local = run_dir / f"task-{entry['index']}"
+        checkpoint.to_directory(str(local))
+        finish_task(entry, checkpoint.path, local)
+        for c in stale:
+            c.filesystem.delete_dir(c.path)
+        stale[:] = [checkpoint]
+
+    fit_sequence(cfg, config, table, f"from-task-{config['first_task']}-{int(time.time())}", storage, verbose,
+                 on_report)
 
 
 def _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint, features_path) -> None:

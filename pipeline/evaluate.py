@@ -43,3 +43,15 @@ def format_matrix(matrix: list[list[float | None]]) -> str:
     for i, row in enumerate(matrix):
         lines.append(f"{f'T{i}':>11} " + " ".join(f"{v:6.3f}" if v is not None else "     -" for v in row))
     return "\n".join(lines)
+
+
+def accuracy_row(model, columns: dict, rows_per_task: list, upto: int, targets: np.ndarray, modalities,
+                 only: str | None = None) -> list:
+    """Accuracy on each task 0..upto's rows from one process (the workers' evaluation is checked
+    against it), every seen class competing; None for later tasks."""
+    row = [None] * len(rows_per_task)
+    for j in range(upto + 1):
+        rows = rows_per_task[j]
+        pred = predict(model, {k: v[rows] for k, v in columns.items()}, modalities, only=only)
+        row[j] = float((pred == targets[rows]).mean())
+    return row

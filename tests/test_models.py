@@ -188,19 +188,22 @@ def test_experts_added_for_a_new_task_train_and_a_checkpoint_rebuilds_them():
 
 
 def test_a_modality_missing_from_the_first_task_is_standardised_when_it_first_appears():
+    from pipeline.data import batch_to_arrays
     from pipeline.worker import fit_standardizer
     model = create_model("ridge", {"a": 2, "b": 3}, 0, {})
     rng = np.random.default_rng(0)
 
     def task(b_present: bool):
         b = [list(v) for v in rng.normal(5.0, 2.0, (8, 3))] if b_present else [None] * 8
-        return lambda: iter([{"label": np.zeros(8, dtype=np.int64), "a": rng.normal(0, 1, (8, 2)), "b": b}])
+        feats, present, labels = batch_to_arrays({"label": np.zeros(8, dtype=np.int64), "a": rng.normal(0, 1, (8, 2)),
+                                                  "b": b}, {"a": 2, "b": 3})
+        return [({m: torch.from_numpy(x) for m, x in feats.items()}, torch.from_numpy(present), torch.from_numpy(labels))]
 
-    fit_standardizer(model, task(False), {"a": 2, "b": 3}, np.array([0]))
+    fit_standardizer(model, task(False), {"a": 2, "b": 3})
     assert model.standardizer.fitted.tolist() == [True, False]
     assert torch.equal(model.standardizer.b_std, torch.ones(3))  # not scaled by the 0 variance of no rows
     a_mean = model.standardizer.a_mean.clone()
-    fit_standardizer(model, task(True), {"a": 2, "b": 3}, np.array([0]))
+    fit_standardizer(model, task(True), {"a": 2, "b": 3})
     assert model.standardizer.fitted.tolist() == [True, True]
     assert torch.equal(model.standardizer.a_mean, a_mean)  # fitted once
     assert 3 < float(model.standardizer.b_mean.mean()) < 7 and float(model.standardizer.b_std[0]) > 1
