@@ -1,8 +1,9 @@
 """`mmcl bench`: methods side by side on one benchmark and scenario, over seeds, as JSON and Markdown.
 
-Each (method, seed) is one whole sequence through `run_sequence`. With `executor=local` the
-sequences run in-process, as Ray tasks side by side (one CPU each); with `executor=ray` one after
-another, each task on Ray Train + DeepSpeed. Seeds change the class order and the initialisation.
+Each (method, seed) is one whole sequence through `run_sequence`, on Ray Train + DeepSpeed
+(`executor=ray`, the default), as many side by side as the cluster's CPUs hold (each sequence one
+worker of one CPU unless the config says otherwise); `executor=local` runs them in-process as Ray
+tasks (one CPU each). Seeds change the class order and the initialisation.
 """
 import copy
 import json
@@ -29,8 +30,15 @@ def sequence_configs(config_for, methods: list[str], seeds: int, data_path: str)
             cfg.tracking.enabled = False
             cfg.cache.dir = str(cfg.cache_dir())
             cfg.output_dir = str(Path(cfg.output_dir) / "bench")
+            one_cpu_each(cfg)
             out.append(cfg)
     return out
+
+
+def one_cpu_each(cfg: RunConfig) -> None:
+    """Many sequences side by side: unless set, each gets one Ray Train worker of one CPU."""
+    cfg.train.num_workers = cfg.train.num_workers or 1
+    cfg.train.cpus_per_worker = cfg.train.cpus_per_worker or 1
 
 
 def _run_one(cfg: RunConfig) -> dict:
@@ -65,10 +73,20 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str 
             log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f} "
                 f"({len(results)}/{len(configs)}, {time.time() - started:.0f}s)")
     else:
+        import ray
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        init_ray(base, verbose=False)
+        per_sequence = configs[0].train.num_workers * configs[0].train.cpus_per_worker
+        side_by_side = max(1, int(ray.cluster_resources().get("CPU", 1) // per_sequence))
         results = []
-        for cfg in configs:
-            results.append(run_sequence(cfg, log=lambda *_: None))
-            log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f}")
+        with ThreadPoolExecutor(side_by_side) as pool:  # each thread drives one Ray Train fit
+            futures = {pool.submit(run_sequence, cfg, log=lambda *_: None): cfg for cfg in configs}
+            for future in as_completed(futures):
+                cfg = futures[future]
+                results.append(future.result())
+                log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f} "
+                    f"({len(results)}/{len(configs)}, {time.time() - started:.0f}s)")
     carried_methods = list(dict.fromkeys(r["method"] for r in carried))
     summary = summarize_bench(base, [*methods, *carried_methods], seeds, results + carried, time.time() - started)
     if carried:

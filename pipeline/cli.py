@@ -294,8 +294,9 @@ def main(argv=None) -> int:
     bench.add_argument("--data")
     bench.add_argument("--scenario", choices=["class-il", "domain-il"])
     bench.add_argument("--tasks", type=int)
-    bench.add_argument("--executor", choices=["local", "ray"], default="local",
-                       help="local: sequences in-process, side by side as Ray tasks; ray: Ray Train + DeepSpeed")
+    bench.add_argument("--executor", choices=["local", "ray"],
+                       help="ray (default): each sequence on Ray Train + DeepSpeed, side by side as CPUs allow; "
+                            "local: in-process, a debugging aid")
     bench.add_argument("--merge", help="an earlier bench JSON (same benchmark, scenario, tasks, seeds): its other "
                                        "methods' runs join this table as they were")
     bench.add_argument("overrides", nargs="*")

@@ -9,6 +9,7 @@ with one worker identical to the in-process loop.
 import copy
 import json
 import logging
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -349,7 +350,11 @@ def train_func_per_worker(config: dict):
             report({**entry["history"][-1], "entry": entry}, tmp, {"kind": "task", "task": entry["index"]},
                    f"task-{entry['index']}")
 
-    learn_sequence(model, rows, config, DeepSpeedStepper, on_epoch, on_task_end, rank, world, resume, device)
+    try:
+        learn_sequence(model, rows, config, DeepSpeedStepper, on_epoch, on_task_end, rank, world, resume, device)
+    finally:
+        if resume:
+            shutil.rmtree(resume[1], ignore_errors=True)
 
 
 def restore(config: dict):

@@ -2,6 +2,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 
@@ -18,6 +21,26 @@ def ray_local():
     init_ray(load_config(), verbose=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """6 classes in two vector modalities, well separated: 30 train and 10 test rows per class."""
+    rng = np.random.default_rng(0)
+    rows = {k: [] for k in ("sample_id", "label", "label_name", "domain", "split", "a", "b")}
+    means = {m: rng.normal(0, 3, (6, d)) for m, d in (("a", 8), ("b", 5))}
+    for c in range(6):
+        for i in range(40):
+            rows["sample_id"].append(f"{c}-{i}")
+            rows["label"].append(c)
+            rows["label_name"].append(str(c))
+            rows["domain"].append("d0" if i % 2 else "d1")
+            rows["split"].append("test" if i < 10 else "train")
+            for m in ("a", "b"):
+                rows[m].append((means[m][c] + rng.normal(0, 1, len(means[m][c]))).astype(np.float32).tolist())
+    path = tmp_path_factory.mktemp("synthetic") / "synthetic.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
 
 
 # Tests and CI read the Free Spoken Digit Dataset from the shared folder beside the checkout.

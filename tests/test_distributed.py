@@ -18,8 +18,6 @@ from pipeline.evaluate import accuracy_row
 from pipeline.scenario import make_scenario
 from pipeline.worker import autocast, deepspeed_config, load_model
 
-from test_methods import synthetic  # noqa: F401 (a fixture)
-
 pytestmark = pytest.mark.slow
 
 
@@ -28,7 +26,7 @@ def config(path, out, *overrides):
                               "tracking.enabled=false", f"output_dir={out}", *overrides])
 
 
-def test_one_worker_gives_the_in_process_loops_matrix(synthetic, tmp_path, ray_local):  # noqa: F811
+def test_one_worker_gives_the_in_process_loops_matrix(synthetic, tmp_path, ray_local):
     both = ["train.num_workers=1", "train.cpus_per_worker=1"]
     on_ray = run_sequence(config(synthetic, tmp_path / "ray", *both), log=lambda *_: None)
     local = run_sequence(config(synthetic, tmp_path / "local", "executor=local", *both), log=lambda *_: None)
@@ -36,7 +34,7 @@ def test_one_worker_gives_the_in_process_loops_matrix(synthetic, tmp_path, ray_l
     assert on_ray["avg_acc_only"] == local["avg_acc_only"]
 
 
-def test_the_workers_evaluation_gives_the_drivers_numbers(synthetic, tmp_path, ray_local):  # noqa: F811
+def test_the_workers_evaluation_gives_the_drivers_numbers(synthetic, tmp_path, ray_local):
     cfg = config(synthetic, tmp_path, "tracking.enabled=true", "train.num_workers=2", "train.cpus_per_worker=0.5")
     result = run_sequence(cfg, log=lambda *_: None)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -54,8 +52,7 @@ def test_the_workers_evaluation_gives_the_drivers_numbers(synthetic, tmp_path, r
         assert accuracy_row(model, columns, test, i, targets, spec["modalities"]) == row
 
 
-def test_a_killed_worker_is_replaced_and_the_sequence_ends_as_if_it_had_not_been(synthetic, tmp_path,  # noqa: F811
-                                                                                 ray_local):
+def test_a_killed_worker_is_replaced_and_the_sequence_ends_as_if_it_had_not_been(synthetic, tmp_path, ray_local):
     args = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.epochs=4"]
     undisturbed = run_sequence(config(synthetic, tmp_path / "a", *args), log=lambda *_: None)
     killed, lines = [], []
@@ -75,7 +72,7 @@ def test_a_killed_worker_is_replaced_and_the_sequence_ends_as_if_it_had_not_been
     assert sum("Task 2/3" in line for line in lines) == 1
 
 
-def test_deepspeed_and_precision_settings_reach_the_engine_and_the_loop(synthetic, tmp_path):  # noqa: F811
+def test_deepspeed_and_precision_settings_reach_the_engine_and_the_loop(synthetic, tmp_path):
     train = {"batch_size": 16, "zero_stage": 2, "bucket_size": 1e6, "overlap_comm": True, "precision": "bf16",
              "epochs": 1, "lr": 1e-3, "weight_decay": 0.0}
     ds = deepspeed_config(train)

@@ -107,6 +107,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from pipeline.bench import one_cpu_each
     from pipeline.driver import _quiet, init_ray, prepare_data
 
     _quiet(verbose)
@@ -128,6 +129,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
     if cfg.executor == "local":  # the trial trains in its own process, on one CPU
         resources, concurrent = {"CPU": 1}, sweep.max_concurrent or max(1, int(cpus))
     else:  # the trial only drives; its Ray Train workers reserve their own CPUs (Tune refuses 0)
+        one_cpu_each(cfg)
         per_trial = cfg.train.num_workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
         resources, concurrent = {"CPU": 0.01}, sweep.max_concurrent or max(1, int((cpus - 1) // per_trial))
     scheduler = (ASHAScheduler(time_attr="task", max_t=cfg.num_tasks, grace_period=1, reduction_factor=2)
