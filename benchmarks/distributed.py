@@ -1,7 +1,9 @@
-"""The Ray Train path against the in-process loop: `python benchmarks/distributed.py [--repeats N]`.
+"""The Ray Train path against the in-process loop:
+`python benchmarks/distributed.py [--repeats N] [--sections 1,2,3,4,5]`.
 
-Writes results/distributed.md and the same tables into BENCHMARKS.md (between the
-`distributed:begin/end` markers). Sections:
+Each section's table is kept in results/distributed.json as it finishes (a rerun of some sections
+keeps the others), and all of them are written to results/distributed.md and into BENCHMARKS.md
+between the `distributed:begin/end` markers. Sections:
 1. whole sequence: default `mmcl run` (mfeat) on Ray and with `executor=local`, alternating;
 2. steady-state training throughput on a synthetic feature table (plain loop, 1 and 2 workers,
    ZeRO stages 0-2, bucket size and overlap_comm);
@@ -78,7 +80,8 @@ def whole_sequence(repeats: int, out: Path) -> tuple[str, dict]:
 def synthetic_table(path: Path, rows: int, dims=(256, 128), classes: int = 10) -> Path:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, classes, rows)
-    cols = {"sample_id": [str(i) for i in range(rows)], "label": labels, "domain": ["d"] * rows,
+    cols = {"sample_id": [str(i) for i in range(rows)], "label": labels, "label_name": labels.astype(str),
+            "domain": ["d"] * rows,
             "split": np.where(np.arange(rows) % 20 == 0, "test", "train")}
     for i, d in enumerate(dims):
         centres = rng.normal(0, 1, (classes, d)).astype(np.float32)
@@ -106,26 +109,32 @@ def throughput(settings: dict, data: Path, out: Path, epochs: int = 3) -> dict:
     return result
 
 
-def growth(out: Path) -> list[dict]:
-    """A 10-task mfeat sequence on Ray: per task, wall seconds and the worker's resident memory."""
+def growth(out: Path, method: str) -> list[dict]:
+    """A 10-task mfeat sequence on Ray: per task, wall seconds, its training loop, and the worker's
+    resident memory."""
     import psutil
     from ray.util.state import list_actors
 
     from pipeline.config import load_config
     from pipeline.driver import run_sequence
 
-    marks, rows = [time.time()], []
+    marks, rows, loop = [time.time()], [], {}
+    epoch = re.compile(r"task \d+/\d+ epoch (\d+)/(\d+) .* (\d+)s$")
 
     def log(line: str) -> None:
+        m = epoch.search(line)
+        if m and m[1] == m[2]:
+            loop["seconds"] = float(m[3])
         if "accuracy on tasks seen so far" in line:
             marks.append(time.time())
-            pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+            pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                               limit=10_000)]  # the limit applies before the filters
             rss = sum(psutil.Process(p).memory_info().rss for p in pids if psutil.pid_exists(p))
             peak = max(int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1]) for p in pids)
-            rows.append({"task": len(rows) + 1, "seconds": marks[-1] - marks[-2], "rss_mb": rss / 2**20,
-                         "peak_mb": peak / 1024})
+            rows.append({"task": len(rows) + 1, "seconds": marks[-1] - marks[-2], "loop_s": loop.pop("seconds", 0.0),
+                         "rss_mb": rss / 2**20, "peak_mb": peak / 1024})
 
-    cfg = load_config(None, ["num_tasks=10", "tracking.enabled=false", f"output_dir={out}"])
+    cfg = load_config(None, ["num_tasks=10", f"method={method}", "tracking.enabled=false", f"output_dir={out}"])
     run_sequence(cfg, log=log)
     return rows
 
@@ -156,69 +165,80 @@ def communication(step_s: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=20000, help="rows of the synthetic throughput table")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=10000, help="rows of the synthetic throughput table")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (3 comes with 1, 5 with 2)")
     args = parser.parse_args()
+    wanted = set(args.sections.split(","))
     sys.path.insert(0, str(ROOT))
     out = Path(tempfile.mkdtemp(prefix="mmcl-distributed-"))
-    sections = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-                f"command: `.venv/bin/python benchmarks/distributed.py --repeats {args.repeats}` "
-                f"({time.strftime('%Y-%m-%d')}).", ""]
+    saved_path = ROOT / "results" / "distributed.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    saved.setdefault("sections", {})
+    saved["machine"] = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+                        f"command: `.venv/bin/python benchmarks/distributed.py` (defaults: --repeats 3, --rows 10000; "
+                        f"sections last run {time.strftime('%Y-%m-%d')}).")
 
-    table, whole = whole_sequence(args.repeats, out / "whole")
-    sections += ["### 1. Whole sequence (default `mmcl run`: mfeat, class-IL 5 x 2, 15 epochs)", "", table, ""]
+    def keep(section: str, text: str, **data) -> None:
+        saved["sections"][section] = text
+        saved.update(data)
+        saved_path.write_text(json.dumps(saved, indent=1))
+
+    if wanted & {"1", "3"}:
+        table, whole = whole_sequence(args.repeats, out / "whole")
+        keep("1", "\n".join(["### 1. Whole sequence (default `mmcl run`: mfeat, class-IL 5 x 2, 15 epochs)", "",
+                             table]), whole=whole)
+        lines = ["### 3. Fixed costs (the Ray runs of section 1)", "",
+                 "| repeat | `mmcl run` to the first training step | per task after the first: wall minus training loop |",
+                 "|---|---|---|"]
+        lines += [f"| {r + 1} | {c['first_step_s']} s | {', '.join(f'{x} s' for x in c['task_remainder_s'])} |"
+                  for r, c in enumerate(whole["costs"])]
+        keep("3", "\n".join(lines))
 
     from pipeline.config import load_config
     from pipeline.driver import init_ray
 
     os.environ.setdefault("RAY_TMPDIR", str(out / "ray"))
     init_ray(load_config(), verbose=False)
-    data = synthetic_table(out / "synthetic.parquet", args.rows)
-    settings = {
-        "plain loop, 2 threads": ["executor=local", "train.cpus_per_worker=2"],
-        "1 worker x 2 CPUs (default)": [],
-        "plain loop, 1 thread": ["executor=local", "train.cpus_per_worker=1"],
-        "1 worker x 1 CPU": ["train.num_workers=1", "train.cpus_per_worker=1"],
-        "2 workers x 1 CPU, ZeRO 0": ["train.num_workers=2", "train.cpus_per_worker=1"],
-        "2 workers x 1 CPU, ZeRO 1": ["train.num_workers=2", "train.cpus_per_worker=1", "train.zero_stage=1"],
-        "2 workers x 1 CPU, ZeRO 2": ["train.num_workers=2", "train.cpus_per_worker=1", "train.zero_stage=2"],
-        "2 workers x 1 CPU, ZeRO 2, overlap_comm": ["train.num_workers=2", "train.cpus_per_worker=1",
-                                                    "train.zero_stage=2", "train.overlap_comm=true"],
-        "2 workers x 1 CPU, ZeRO 2, 5e6 buckets": ["train.num_workers=2", "train.cpus_per_worker=1",
-                                                   "train.zero_stage=2", "train.bucket_size=5000000"],
-    }
-    rates = throughput(settings, data, out / "throughput")
-    plain = rates["plain loop, 2 threads"]
-    sections += [f"### 2. Steady-state training throughput (synthetic table, {args.rows:,} rows, 2 modalities of "
+    if wanted & {"2", "5"}:
+        data = synthetic_table(out / "synthetic.parquet", args.rows)
+        settings = {
+            "plain loop, 2 threads": ["executor=local", "train.cpus_per_worker=2"],
+            "1 worker x 2 CPUs (default)": [],
+            "plain loop, 1 thread": ["executor=local", "train.cpus_per_worker=1"],
+            "1 worker x 1 CPU": ["train.num_workers=1", "train.cpus_per_worker=1"],
+            "2 workers x 1 CPU, ZeRO 0": ["train.num_workers=2", "train.cpus_per_worker=1"],
+            "2 workers x 1 CPU, ZeRO 1": ["train.num_workers=2", "train.cpus_per_worker=1", "train.zero_stage=1"],
+            "2 workers x 1 CPU, ZeRO 2": ["train.num_workers=2", "train.cpus_per_worker=1", "train.zero_stage=2"],
+            "2 workers x 1 CPU, ZeRO 2, overlap_comm": ["train.num_workers=2", "train.cpus_per_worker=1",
+                                                        "train.zero_stage=2", "train.overlap_comm=true"],
+            "2 workers x 1 CPU, ZeRO 2, 5e6 buckets": ["train.num_workers=2", "train.cpus_per_worker=1",
+                                                       "train.zero_stage=2", "train.bucket_size=5000000"],
+        }
+        rates = throughput(settings, data, out / "throughput")
+        plain = rates["plain loop, 2 threads"]
+        lines = [f"### 2. Steady-state training throughput (synthetic table, {args.rows:,} rows, 2 modalities of "
                  "256 and 128 features, cmoe, batch 32 per worker, epochs 2-3)", "",
                  "| setting | samples/s | vs plain loop, 2 threads |", "|---|---|---|"]
-    sections += [f"| {k} | {v:.0f} | {v / plain:.2f}x |" for k, v in rates.items()] + [""]
+        lines += [f"| {k} | {v:.0f} | {v / plain:.2f}x |" for k, v in rates.items()]
+        keep("2", "\n".join(lines), throughput=rates)
+        keep("5", "\n".join(["### 5. Communication", "", communication(32 / rates["plain loop, 1 thread"])]))
+    if "4" in wanted:
+        grown = {m: growth(out / f"growth-{m}", m) for m in ("cmoe", "finetune")}
+        lines = ["### 4. Growth (mfeat, 10 tasks of one digit, default settings)", "",
+                 "| task | cmoe: wall s | cmoe: training loop s | cmoe: worker peak RSS MB | finetune: wall s "
+                 "| finetune: training loop s | finetune: worker peak RSS MB |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {a['task']} | {a['seconds']:.1f} | {a['loop_s']:.0f} | {a['peak_mb']:.0f} | {b['seconds']:.1f} "
+                  f"| {b['loop_s']:.0f} | {b['peak_mb']:.0f} |" for a, b in zip(grown["cmoe"], grown["finetune"])]
+        keep("4", "\n".join(lines), growth=grown)
 
-    costs = whole["costs"]
-    sections += ["### 3. Fixed costs (the Ray runs of section 1)", "",
-                 "| repeat | `mmcl run` to the first training step | per task after the first: wall minus training loop |",
-                 "|---|---|---|"]
-    sections += [f"| {r + 1} | {c['first_step_s']} s | {', '.join(f'{x} s' for x in c['task_remainder_s'])} |"
-                 for r, c in enumerate(costs)] + [""]
-
-    grown = growth(out / "growth")
-    sections += ["### 4. Growth (mfeat, 10 tasks of one digit, default settings)", "",
-                 "| task | seconds | worker RSS (MB) | worker peak RSS (MB) |", "|---|---|---|---|"]
-    sections += [f"| {g['task']} | {g['seconds']:.1f} | {g['rss_mb']:.0f} | {g['peak_mb']:.0f} |" for g in grown] + [""]
-
-    step_s = 32 / rates["plain loop, 1 thread"]
-    sections += ["### 5. Communication", "", communication(step_s), ""]
-
-    text = "\n".join(sections)
+    text = "\n\n".join([saved["machine"], *(saved["sections"][k] for k in sorted(saved["sections"]))])
     (ROOT / "results" / "distributed.md").write_text(text + "\n")
-    (ROOT / "results" / "distributed.json").write_text(json.dumps({"whole": whole, "throughput": rates,
-                                                                   "growth": grown}, indent=1))
     bench = ROOT / "BENCHMARKS.md"
     md = bench.read_text()
     begin, end = "<!-- distributed:begin -->", "<!-- distributed:end -->"
     if begin in md:
-        md = md[:md.index(begin) + len(begin)] + "\n" + text + "\n" + md[md.index(end):]
-        bench.write_text(md)
+        bench.write_text(md[:md.index(begin) + len(begin)] + "\n" + text + "\n" + md[md.index(end):])
     print(text)
 
 
