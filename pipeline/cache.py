@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.data import FEATURES_MANIFEST, REQUIRED, DataError, MultiModalData, read_manifest
 
@@ -122,13 +123,22 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
     log(f"Features: encoding {data.table.num_rows} rows ({', '.join(f'{c}: {s}' for c, s in specs.items())}) "
         f"with {actors} actor(s) into {folder}")
     started = time.time()
+    options = ray.data.DataContext.get_current().execution_options
+    ordered, options.preserve_order = options.preserve_order, True  # the features in the data file's row order
     try:
-        blocks = max(4 * actors, data.table.num_rows // (8 * batch_size) or 1)  # one file is one block: spread it
-        ds = ray.data.read_parquet(data.path).repartition(min(blocks, data.table.num_rows)).map_batches(
+        blocks = max(4 * actors, data.table.num_rows // (8 * batch_size) or 1)  # the table is one block: spread it
+        # The rows go out from the driver and the features come back to it, so that only the driver's
+        # node needs the data file and the cache folder: a cluster's nodes share no disk.
+        ds = ray.data.from_arrow(data.table).repartition(min(blocks, data.table.num_rows)).map_batches(
             EncodeBatch, fn_constructor_kwargs={"specs": specs, "tokens": tokens, "threads": 1, "nullable": [
                 c for c in data.kinds if data.table[c].null_count]},
             batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=1)
-        ds.write_parquet(str(tmp))
+        tmp.mkdir(parents=True)
+        writer = None
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer = writer or pq.ParquetWriter(tmp / "features.parquet", batch.schema)
+            writer.write_table(batch)
+        writer.close()
         modalities = {c: {"kind": "vector", "dim": len(data.table[c].drop_null()[0]), "tokens": 1}
                       for c, k in data.kinds.items() if k == "vector"}
         modalities.update({c: {"kind": data.kinds[c], "dim": create_encoder(s, tokens).dim, "tokens": tokens,
@@ -143,6 +153,7 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
             if not read_manifest(folder):
                 raise
     finally:
+        options.preserve_order = ordered
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"Features: {data.table.num_rows} rows encoded in {time.time() - started:.0f}s")
     return folder

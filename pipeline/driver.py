@@ -16,7 +16,7 @@ from ray.train import UserCallback
 from models.methods import get_method
 from pipeline.benchmarks import benchmark_path
 from pipeline.cache import build_features, encoder_specs
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from pipeline.data import load_data
 from pipeline.evaluate import summarize
 from pipeline.scenario import make_scenario
@@ -71,10 +71,13 @@ def init_ray(cfg: RunConfig, verbose: bool) -> None:
     ctx.print_on_execution_start = verbose
 
 
-def worker_resources(cfg: RunConfig) -> tuple[int, float, str]:
+def worker_resources(cfg: RunConfig) -> tuple[int | tuple[int, int], float, str]:
     """(workers, CPUs per worker, placement strategy). Unset (0): on GPUs one worker per GPU; on CPUs
-    one worker per node holding that node's CPUs, which beat more, smaller workers on one node
-    (BENCHMARKS.md, "Workers and CPUs")."""
+    one worker per node holding that node's CPUs (with one worker, step for step the in-process
+    loop; BENCHMARKS.md, "The distributed path", has the faster settings measured on a 2-core
+    node). On several nodes the group is elastic, from one worker
+    to one per node: a lost node leaves the sequence going on the others from the latest checkpoint,
+    and a node that joins is taken up at Ray Train's next resize check."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
@@ -84,7 +87,18 @@ def worker_resources(cfg: RunConfig) -> tuple[int, float, str]:
     cpus = cfg.train.cpus_per_worker or min(n["CPU"] for n in nodes)
     if cfg.train.num_workers:
         return cfg.train.num_workers, cpus, "PACK"
-    return len(nodes), cpus, "SPREAD"
+    return ((1, len(nodes)) if len(nodes) > 1 else 1), cpus, "SPREAD"
+
+
+def check_storage(cfg: RunConfig) -> None:
+    """Ray Train workers write their checkpoints to `storage_path`: on machines that share no disk it
+    must be a URI or a mount every node sees."""
+    import ray
+
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    if len(hosts) > 1 and not cfg.storage_path:
+        raise ConfigError(f"storage_path: the Ray cluster spans {len(hosts)} machines; set storage_path to "
+                          "storage every node sees (s3://..., gs://..., or a shared mount)")
 
 
 def _quiet(verbose: bool) -> None:
@@ -123,6 +137,7 @@ def fit_sequence(cfg: RunConfig, config: dict, table, name: str, storage: str, v
     from ray.train import DataConfig, FailureConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The controller takes one report per poll and a worker's next report waits for it: at Ray's 2 s
     # default an epoch shorter than that would wait (BENCHMARKS.md, "Fixed costs").
@@ -130,7 +145,8 @@ def fit_sequence(cfg: RunConfig, config: dict, table, name: str, storage: str, v
     workers, cpus, placement = worker_resources(cfg)
     precision = cfg.train.precision if cfg.train.precision != "auto" else "bf16" if cfg.train.use_gpu else "fp32"
     config = {**config, "train": {**config["train"], "cpus_per_worker": cpus, "precision": precision}}
-    queue, outcome = Queue(actor_options={"num_cpus": 0}), {}
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue, outcome = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}), {}  # beside the controller
     trainer = TorchTrainer(
         train_func_per_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
@@ -223,6 +239,9 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     _quiet(verbose)
     started = time.time()
     data, raw_path, fingerprint, data_path, encoders = prepare_data(cfg, log, verbose)
+    if cfg.executor == "ray":
+        init_ray(cfg, verbose)
+        check_storage(cfg)
     labels, domains, split = data.column("label"), data.column("domain").astype(str), data.column("split")
     scenario = make_scenario(cfg.scenario, labels, domains, cfg.num_tasks, cfg.seed)
     class_index = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
@@ -325,7 +344,6 @@ def run_on_ray(cfg: RunConfig, config: dict, table, state: SequenceState, run_di
                finish_task) -> None:
     """The remaining tasks in one Ray Train fit. Storage keeps the newest task's checkpoint and the
     current task's epoch checkpoints; older ones are deleted once their task is logged."""
-    init_ray(cfg, verbose)
     prev = state.tasks[-1]["checkpoint"] if state.tasks else None
     config = {**config, "init_checkpoint": ray.train.Checkpoint(prev) if prev else None}
     storage = cfg.storage_path or str((run_dir / "ray").resolve())
@@ -345,8 +363,8 @@ def run_on_ray(cfg: RunConfig, config: dict, table, state: SequenceState, run_di
             c.filesystem.delete_dir(c.path)
         stale[:] = [checkpoint]
 
-    fit_sequence(cfg, config, table, f"from-task-{config['first_task']}-{int(time.time())}", storage, verbose,
-                 on_report)
+    fit_sequence(cfg, config, table, f"{run_dir.name}-from-task-{config['first_task']}-{int(time.time())}", storage,
+                 verbose, on_report)
 
 
 def _log_unlogged_tasks(tracker, state, scenario, cfg, data_path, fingerprint, features_path) -> None:

@@ -1,11 +1,16 @@
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +26,37 @@ def ray_local():
     init_ray(load_config(), verbose=False)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"{url}/health", timeout=30).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield url
+    finally:
+        from pipeline.cli import stop_process_group
+
+        stop_process_group(proc)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +83,26 @@ def synthetic(tmp_path_factory):
 _SHARED_FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 if _SHARED_FSDD.is_dir():
     os.environ.setdefault("MMCL_FSDD_DIR", str(_SHARED_FSDD))
+
+
+@pytest.fixture(scope="session")
+def synthetic_text(tmp_path_factory):
+    """6 classes, a vector modality and a caption (text, through the MiniLM encoder): 30 train and
+    10 test rows per class."""
+    rng = np.random.default_rng(1)
+    words = [["red", "apple", "fruit"], ["blue", "ocean", "wave"], ["green", "forest", "tree"],
+             ["loud", "drum", "music"], ["fast", "car", "road"], ["cold", "snow", "winter"]]
+    means = rng.normal(0, 3, (6, 8))
+    rows = {k: [] for k in ("sample_id", "label", "label_name", "domain", "split", "a", "caption")}
+    for c in range(6):
+        for i in range(40):
+            rows["sample_id"].append(f"{c}-{i}")
+            rows["label"].append(c)
+            rows["label_name"].append(words[c][1])
+            rows["domain"].append("d0")
+            rows["split"].append("test" if i < 10 else "train")
+            rows["a"].append((means[c] + rng.normal(0, 2, 8)).astype(np.float32).tolist())
+            rows["caption"].append(" ".join(rng.choice(words[c], 2)) + f" number {i}")
+    path = tmp_path_factory.mktemp("synthetic-text") / "synthetic-text.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path

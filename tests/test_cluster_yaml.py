@@ -6,14 +6,21 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER_YAML = Path(__file__).parent.parent / "cluster.yaml"
+ROOT = Path(__file__).parent.parent
+CLUSTER_YAML = ROOT / "cluster.yaml"
 
 
-def test_cluster_yaml_passes_rays_own_schema_check():
-    config = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))  # what `ray up` does before its check
+@pytest.mark.parametrize("path", [CLUSTER_YAML, *sorted((ROOT / "clusters").glob("*.yaml"))], ids=lambda p: p.name)
+def test_every_cluster_file_passes_rays_own_schema_check(path):
+    config = prepare_config(yaml.safe_load(path.read_text()))  # what `ray up` does before its check
     validate_config(config)
     assert config["head_node_type"] in config["available_node_types"]
-    assert any("make install" in c for c in config["setup_commands"])
+    setups = {name: node.get("worker_setup_commands", config["setup_commands"] + config["worker_setup_commands"])
+              for name, node in config["available_node_types"].items() if name != config["head_node_type"]}
+    setups[config["head_node_type"]] = config["setup_commands"] + config["head_setup_commands"]
+    for name, commands in setups.items():  # every node installs the project; GPU nodes keep the CUDA torch
+        assert any("make" in c and "install" in c for c in commands), name
+        assert ("cpu-torch" in " ".join(commands)) == ("gpu" not in name), name
 
 
 def test_the_schema_check_rejects_a_broken_config():

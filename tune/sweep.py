@@ -108,7 +108,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline.bench import one_cpu_each
-    from pipeline.driver import _quiet, init_ray, prepare_data
+    from pipeline.driver import _quiet, check_storage, init_ray, prepare_data
 
     _quiet(verbose)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # trials run in other processes
@@ -125,6 +125,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
     cfg.tracking.parent_run_id = sweep_id
 
     init_ray(cfg, verbose)
+    check_storage(cfg)
     cpus = ray.cluster_resources().get("CPU", 1)
     if cfg.executor == "local":  # the trial trains in its own process, on one CPU
         resources, concurrent = {"CPU": 1}, sweep.max_concurrent or max(1, int(cpus))
@@ -132,6 +133,8 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
         one_cpu_each(cfg)
         per_trial = cfg.train.num_workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
         resources, concurrent = {"CPU": 0.01}, sweep.max_concurrent or max(1, int((cpus - 1) // per_trial))
+    # Trials read the prepared data and write their state under output_dir: on this node's disk.
+    resources[f"node:{ray.util.get_node_ip_address()}"] = 0.001
     scheduler = (ASHAScheduler(time_attr="task", max_t=cfg.num_tasks, grace_period=1, reduction_factor=2)
                  if sweep.scheduler == "asha" else FIFOScheduler())
     search = None
@@ -143,7 +146,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
         param_space=tune_space(sweep.space),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search,
                                     num_samples=sweep.samples, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=f"sweep-{sweep_id[:8]}", storage_path=str(Path(cfg.output_dir) / "tune"),
+        run_config=tune.RunConfig(name=f"sweep-{sweep_id[:8]}", storage_path=cfg.storage_path or str(Path(cfg.output_dir) / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=0,
                                   callbacks=[TrialPrinter(log, cfg.num_tasks)]),
     )

@@ -1,0 +1,176 @@
+"""A real two-node Ray cluster on this machine: a head and a second node, each a `ray start --block`
+process of its own. Train workers on both nodes, checkpoints in a storage_path both see, MLflow
+over HTTP through a real `mlflow server` (artifacts served by it), the second node's raylet
+killed mid-task, and `mmcl run` / `mmcl sweep` submitted through the Ray Jobs API."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import requests
+import yaml
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+# Ray's token authentication, as a cluster started with `ray start` has it: the token in
+# ~/.ray/auth_token (made if missing), every client of this cluster in token mode.
+ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def ray_list(kind: str, dashboard: str, *filters: str) -> list[dict]:
+    """`ray list KIND` against the cluster, as JSON."""
+    out = subprocess.run([RAY, "list", kind, "--address", dashboard, "--format", "json", "--limit", "10000",
+                          *(a for f in filters for a in ("--filter", f))], env=ENV, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out) if out.lstrip().startswith("[") else []  # "No resource in the cluster"
+
+
+def start_node(*args: str) -> subprocess.Popen:
+    ports = {p: free_port() for p in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                      "runtime-env-agent-port")}
+    return subprocess.Popen([RAY, "start", "--block", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                             *(f"--{k}={v}" for k, v in ports.items()), *args],
+                            env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    """SIGTERM to the `ray start --block` process stops its node; whatever is left goes by group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # drains the node, then stops its processes
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture
+def two_nodes():
+    subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
+    gcs, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = start_node("--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true",
+                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                      f"--ray-client-server-port={free_port()}", "--min-worker-port=10002", "--max-worker-port=14999")
+    nodes = [head]
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        for _ in range(120):
+            try:
+                requests.get(f"{url}/api/version", timeout=5)  # up (it answers 401 without the token)
+                break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        # A temp dir of its own, as on another machine: nodes sharing one would unpack a job's
+        # working_dir into the same folder, each replacing the other's.
+        nodes.append(start_node(f"--address=127.0.0.1:{gcs}", f"--temp-dir={tempfile.mkdtemp(prefix='rc-', dir='/tmp')}",
+                                "--min-worker-port=15000", "--max-worker-port=19999"))
+        for _ in range(120):
+            if len(ray_list("nodes", url, "state=ALIVE")) == 2:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the second node did not join")
+        yield SimpleNamespace(address=f"127.0.0.1:{gcs}", dashboard=url, second=nodes[1])
+    finally:
+        for proc in reversed(nodes):
+            stop_node(proc)
+
+
+def raylet_of(node: subprocess.Popen) -> psutil.Process:
+    return next(p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet")
+
+
+def train_worker_nodes(dashboard: str) -> dict[str, str]:
+    """RayTrainWorker actor id -> node id, for every worker the cluster ever had."""
+    return {a["actor_id"]: a["node_id"] for a in ray_list("actors", dashboard, "class_name=RayTrainWorker")}
+
+
+def mlflow_runs(server: str, experiment: str) -> list[dict]:
+    api = f"{server}/api/2.0/mlflow"
+    exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": experiment}).json()["experiment"]
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}).json()["runs"]
+    for r in runs:
+        r["tags"] = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+    return runs
+
+
+def versions(server: str, name: str) -> list[dict]:
+    found = requests.get(f"{server}/api/2.0/mlflow/model-versions/search", params={"filter": f"name='{name}'"})
+    return found.json().get("model_versions", [])
+
+
+def test_two_nodes_shared_storage_mlflow_over_http_and_a_lost_node(two_nodes, mlflow_server, synthetic_text,
+                                                                   tmp_path):
+    shared = tmp_path / "shared"  # the storage both nodes see (an NFS mount or s3:// on a real cluster)
+    args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address, "--data", str(synthetic_text),
+            "--tasks", "3", "train.epochs=4", "model.projection=256", f"storage_path={shared}",
+            f"tracking.uri={mlflow_server}", f"output_dir={tmp_path / 'out'}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, raylet = [], None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if "task 1/3 epoch 1/4" in line:
+            placed = train_worker_nodes(two_nodes.dashboard)
+        if "task 2/3 epoch 2/4" in line and raylet is None:  # the second node goes away mid-task
+            raylet = raylet_of(two_nodes.second)
+            threading.Timer(0.3, raylet.kill).start()
+    assert proc.wait() == 0, "\n".join(lines[-30:])
+    assert raylet is not None and not raylet.is_running()
+    assert len(set(placed.values())) == 2, placed  # one worker on each node
+    after = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in placed}
+    assert after and set(after.values()) < set(placed.values())  # restarted on the node that is left
+    assert sum("Task 2/3" in line for line in lines) == 1
+    assert "Features: encoding" in "\n".join(lines)  # the text column went through the encoders
+
+    runs = mlflow_runs(mlflow_server, "synthetic-text")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r["tags"])
+    assert len(runs) == 4 and parent["info"]["status"] == "FINISHED"
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    assert sorted(r["tags"]["mmcl.task_index"] for r in children) == ["0", "1", "2"]
+    assert len(versions(mlflow_server, "synthetic-text-class-il-cmoe")) == 3
+    files = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
+                         params={"run_id": children[0]["info"]["run_id"]}).json()["files"]
+    assert any(f["path"] == "checkpoint" for f in files)  # uploaded through the server
+    assert not (tmp_path / "out" / "mlartifacts").exists()
+
+
+def test_run_and_sweep_submitted_as_ray_jobs(two_nodes, mlflow_server, tmp_path):
+    def submit(*command: str) -> str:
+        job = subprocess.run([RAY, "job", "submit", "--address", two_nodes.dashboard, "--working-dir", str(ROOT),
+                              "--", sys.executable, "-m", "pipeline.cli", *command],
+                             env=ENV, capture_output=True, text=True, timeout=900)
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-12000:] + job.stderr[-1500:]
+        return job.stdout
+
+    common = [f"tracking.uri={mlflow_server}", f"storage_path={tmp_path / 'shared'}", f"output_dir={tmp_path / 'out'}"]
+    printed = submit("run", "--tasks", "2", "train.epochs=1", *common)
+    assert "average accuracy" in printed
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"num_tasks": 2, "train": {"epochs": 1}, "sweep": {
+        "samples": 2, "scheduler": "fifo", "space": {"loss.align": {"uniform": [0.0, 0.5]}}}}))
+    printed = submit("sweep", "--config", str(sweep), "--best-out", str(tmp_path / "best.yaml"), *common)
+    assert "2 trials" in printed
+
+    runs = mlflow_runs(mlflow_server, "mfeat")
+    sweep_run = next(r for r in runs if r["tags"].get("mmcl.sweep") == "true")
+    trials = [r for r in runs if r["tags"].get("mlflow.parentRunId") == sweep_run["info"]["run_id"]]
+    assert sweep_run["info"]["status"] == "FINISHED" and len(trials) == 2
+    sequences = [r for r in runs if "mlflow.parentRunId" not in r["tags"] and "mmcl.sweep" not in r["tags"]]
+    assert [r["info"]["status"] for r in sequences] == ["FINISHED"]
