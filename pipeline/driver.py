@@ -58,6 +58,9 @@ def init_ray(cfg: RunConfig, verbose: bool) -> None:
     import ray
     import ray.data
 
+    # Ray's tqdm replaces builtins.print in the driver once a Ray Data bar reaches it; a print
+    # that is not builtins.print no longer pickles (Tune pickles a sweep's callbacks).
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
     if ray.is_initialized():
         return
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore" if not verbose else "default"}
