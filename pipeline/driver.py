@@ -78,9 +78,9 @@ def worker_resources(cfg: RunConfig) -> tuple[int | tuple[int, int], float, str]
     """(workers, CPUs per worker, placement strategy). Unset (0): on GPUs one worker per GPU; on CPUs
     one worker per node holding that node's CPUs (with one worker, step for step the in-process
     loop; BENCHMARKS.md, "The distributed path", has the faster settings measured on a 2-core
-    node). On several nodes the group is elastic, from one worker
-    to one per node: a lost node leaves the sequence going on the others from the latest checkpoint,
-    and a node that joins is taken up at Ray Train's next resize check."""
+    node). On several nodes the group is elastic, from one worker to one per node: a lost node
+    leaves the sequence going on the others from the latest checkpoint, and a node that joins is
+    taken up at Ray Train's next resize check."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]

@@ -146,7 +146,8 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
         param_space=tune_space(sweep.space),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search,
                                     num_samples=sweep.samples, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=f"sweep-{sweep_id[:8]}", storage_path=cfg.storage_path or str(Path(cfg.output_dir) / "tune"),
+        run_config=tune.RunConfig(name=f"sweep-{sweep_id[:8]}",
+                                  storage_path=cfg.storage_path or str(Path(cfg.output_dir) / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=0,
                                   callbacks=[TrialPrinter(log, cfg.num_tasks)]),
     )
