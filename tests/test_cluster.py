@@ -4,6 +4,7 @@ over HTTP through a real `mlflow server` (artifacts served by it), the second no
 killed mid-task, and `mmcl run` / `mmcl sweep` submitted through the Ray Jobs API."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,8 +64,10 @@ def stop_node(proc: subprocess.Popen) -> None:
 def two_nodes():
     subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
     gcs, dashboard = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head = start_node("--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true",
+    # Short: Ray's socket paths have a length limit. A temp dir per node, as on separate machines:
+    # nodes sharing one would unpack a job's working_dir into the same folder, each replacing the other's.
+    temps = [tempfile.mkdtemp(prefix="rc-", dir="/tmp") for _ in range(2)]
+    head = start_node("--head", f"--port={gcs}", f"--temp-dir={temps[0]}", "--include-dashboard=true",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                       f"--ray-client-server-port={free_port()}", "--min-worker-port=10002", "--max-worker-port=14999")
     nodes = [head]
@@ -77,9 +80,7 @@ def two_nodes():
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        # A temp dir of its own, as on another machine: nodes sharing one would unpack a job's
-        # working_dir into the same folder, each replacing the other's.
-        nodes.append(start_node(f"--address=127.0.0.1:{gcs}", f"--temp-dir={tempfile.mkdtemp(prefix='rc-', dir='/tmp')}",
+        nodes.append(start_node(f"--address=127.0.0.1:{gcs}", f"--temp-dir={temps[1]}",
                                 "--min-worker-port=15000", "--max-worker-port=19999"))
         for _ in range(120):
             if len(ray_list("nodes", url, "state=ALIVE")) == 2:
@@ -91,6 +92,8 @@ def two_nodes():
     finally:
         for proc in reversed(nodes):
             stop_node(proc)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def raylet_of(node: subprocess.Popen) -> psutil.Process:
@@ -156,7 +159,7 @@ def test_run_and_sweep_submitted_as_ray_jobs(two_nodes, mlflow_server, tmp_path)
         job = subprocess.run([RAY, "job", "submit", "--address", two_nodes.dashboard, "--working-dir", str(ROOT),
                               "--", sys.executable, "-m", "pipeline.cli", *command],
                              env=ENV, capture_output=True, text=True, timeout=900)
-        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-12000:] + job.stderr[-1500:]
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-6000:] + job.stderr[-1500:]
         return job.stdout
 
     common = [f"tracking.uri={mlflow_server}", f"storage_path={tmp_path / 'shared'}", f"output_dir={tmp_path / 'out'}"]
