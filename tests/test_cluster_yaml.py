@@ -20,7 +20,12 @@ def test_every_cluster_file_passes_rays_own_schema_check(path):
     setups[config["head_node_type"]] = config["setup_commands"] + config["head_setup_commands"]
     for name, commands in setups.items():  # every node installs the project; GPU nodes keep the CUDA torch
         assert any("make" in c and "install" in c for c in commands), name
+        assert any(".venv/bin" in c and "~/.bashrc" in c for c in commands), name  # `ray down` runs a bare `ray stop`
         assert ("cpu-torch" in " ".join(commands)) == ("gpu" not in name), name
+    # Ray's token auth on every node: the launcher's token copied over, every `ray start` in token mode.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
 
 
 def test_the_schema_check_rejects_a_broken_config():
