@@ -48,7 +48,7 @@ SSHD_PID=$!
 sleep 1
 
 # clusters/local.yaml with this machine's address as the head, no workers, and this run's user and key.
-# Setup: `make install` alone, since this machine reaches PyPI but not download.pytorch.org.
+# Setup: `make install` without `cpu-torch`, since this machine reaches PyPI but not download.pytorch.org.
 "$ROOT/.venv/bin/python" - "$ROOT/clusters/local.yaml" "$CLUSTER" "$NODE_USER" "$WORK/id_ed25519" \
   "--dashboard-port=$DASHBOARD_PORT --dashboard-agent-listen-port=$AGENT_PORT" <<'EOF'
 import sys, yaml
@@ -57,7 +57,7 @@ cfg = yaml.safe_load(open(src))
 cfg["provider"].update(head_ip="127.0.0.1", worker_ips=[])
 cfg["min_workers"] = cfg["max_workers"] = 0
 cfg["auth"] = {"ssh_user": user, "ssh_private_key": key}
-cfg["setup_commands"] = ["cd ~/mmcl && make install PYTHON=python3.11"]
+cfg["setup_commands"] = [c.replace("make cpu-torch install", "make install") for c in cfg["setup_commands"]]
 cfg["head_start_ray_commands"][-1] += " " + ports
 yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
 EOF
