@@ -113,6 +113,7 @@ def growth(out: Path, method: str) -> list[dict]:
     """A 10-task mfeat sequence on Ray: per task, wall seconds, its training loop, and the worker's
     resident memory."""
     import psutil
+    import ray
     from ray.util.state import list_actors
 
     from pipeline.config import load_config
@@ -127,8 +128,9 @@ def growth(out: Path, method: str) -> list[dict]:
             loop["seconds"] = float(m[3])
         if "accuracy on tasks seen so far" in line:
             marks.append(time.time())
-            pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                                               limit=10_000)]  # the limit applies before the filters
+            pids = [a.pid for a in list_actors(  # this cluster's (another Ray may run here); the limit applies before filters
+                ray.get_runtime_context().gcs_address, limit=10_000,
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
             rss = sum(psutil.Process(p).memory_info().rss for p in pids if psutil.pid_exists(p))
             peak = max(int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1]) for p in pids)
             rows.append({"task": len(rows) + 1, "seconds": marks[-1] - marks[-2], "loop_s": loop.pop("seconds", 0.0),

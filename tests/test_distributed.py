@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
@@ -60,7 +61,8 @@ def test_a_killed_worker_is_replaced_and_the_sequence_ends_as_if_it_had_not_been
     def log(line: str) -> None:  # in task 2, after its second epoch's checkpoint: kill a worker by PID
         lines.append(line)
         if "task 2/3 epoch 2/4" in line and not killed:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(ray.get_runtime_context().gcs_address, limit=10_000,  # this cluster; limit before filters
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             killed.append(workers[-1].pid)
             threading.Timer(0.3, os.kill, (killed[0], signal.SIGKILL)).start()  # mid-epoch 3
 
