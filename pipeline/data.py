@@ -8,6 +8,7 @@ null in a row, but not all of them.
 """
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ FEATURES_MANIFEST = "_mmcl_features.json"  # written last into a feature cache f
 AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb")
 SPLITS = ("train", "val", "test")
 MAX_ROWS_LISTED = 5
+_NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+NUMBERS = re.compile(rf"^\s*\[?\s*{_NUMBER}(\s*[,;\s]\s*{_NUMBER})*\s*\]?\s*$")
 
 
 class DataError(ValueError):
@@ -107,6 +110,12 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
     for col, want in RESERVED.items():
         if col in table.column_names and not _type_ok(table.schema.field(col).type, want):
             err(col, [], f"must be {want}, found {table.schema.field(col).type}")
+    if "sample_id" in ok:
+        ids = np.asarray(table["sample_id"].to_pylist(), dtype=object)
+        _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+        repeated = np.isin(ids, ids[first[counts > 1]])
+        if repeated.any():
+            err("sample_id", _rows(repeated), f"{int((counts > 1).sum())} sample_id value(s) used by several rows")
     if "group" in table.column_names and table["group"].null_count:
         err("group", _rows(table["group"].is_null()), "null group (give each row one, or drop the column)")
     kinds = kinds if kinds is not None else modality_columns(table)
@@ -117,6 +126,9 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
     for col, kind in kinds.items():
         arr = table[col].combine_chunks()
         valid = ~np.asarray(arr.is_null())
+        if kind == "text" and valid.any() and all(NUMBERS.match(v) for v in arr.drop_null().to_pylist()):
+            warn(col, [], "every value is a number written as text, so it is encoded as text; a vector is a "
+                          "list<float> column (pa.list_(pa.float32()))")
         if kind == "vector":
             _check_vectors(arr, valid, col, err)
         elif kind == "image":
@@ -255,7 +267,23 @@ def read_parquet(path: str | Path) -> pa.Table:
     try:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
+        if "Expected all lists to be of size" in str(e):
+            raise DataError(_null_in_fixed_size_list(path)) from e
         raise DataError(f"{path}: not a readable Parquet file or folder: {e}") from e
+
+
+def _null_in_fixed_size_list(path: Path) -> str:
+    """pyarrow writes nulls in a fixed_size_list column but cannot read them back."""
+    columns = [f.name for f in pq.read_schema(path) if pa.types.is_fixed_size_list(f.type)]
+    bad = []
+    for name in columns:
+        try:
+            pq.read_table(path, columns=[name])
+        except pa.ArrowInvalid:
+            bad.append(name)
+    return (f"{path}, column{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad or columns))}: a fixed-size list "
+            "with null rows, which pyarrow cannot read back; write the column as list<float> "
+            "(pa.list_(pa.float32())), where null rows are allowed")
 
 
 def read_manifest(path: str | Path) -> dict | None:

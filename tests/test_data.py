@@ -77,6 +77,10 @@ def _no_test(cols):
     cols["split"] = ["train"] * len(cols["split"])
 
 
+def _numbers_as_text(cols):
+    cols["caption"] = [",".join(map(str, v)) for v in cols["v"]]
+
+
 @pytest.mark.parametrize("change, expected", [
     (_drop("domain"), "error: f.parquet, column 'domain': required column is missing"),
     (_wrong_type, "error: f.parquet, column 'label': must be integer, found string"),
@@ -93,10 +97,13 @@ def _no_test(cols):
     (_no_train_for_class, "error: f.parquet, column 'label', rows 2, 3: label 1 has no train rows"),
     (_all_null(4), "error: f.parquet, row 4: every modality is null in these rows"),
     (_null_group, "error: f.parquet, column 'group', row 3: null group"),
+    (_set("sample_id", 4, "s1"), "error: f.parquet, column 'sample_id', rows 1, 4: 1 sample_id value(s) used"),
     (_set("caption", 2, None), "warning: f.parquet, column 'caption', row 2: modality missing (null)"),
+    (_numbers_as_text, "warning: f.parquet, column 'caption': every value is a number written as text"),
 ], ids=["missing-column", "wrong-type", "bad-image", "bad-audio", "nan", "inf", "ragged-vector",
         "label-outside-declared", "label-name-mismatch", "negative-label", "bad-split", "empty-split",
-        "empty-task", "all-modalities-null", "null-group", "null-modality-warning"])
+        "empty-task", "all-modalities-null", "null-group", "duplicate-sample-id", "null-modality-warning",
+        "numbers-as-text-warning"])
 def test_each_bad_input_is_reported_with_file_column_and_rows(change, expected):
     cols = good_columns()
     change(cols)
@@ -127,3 +134,13 @@ def test_audio_as_samples_needs_a_sample_rate():
     assert any("needs a 'sample_rate' column" in str(p) for p in validate_table(t, "f.parquet"))
     t = t.append_column("sample_rate", pa.array([8000] * 6))
     assert validate_table(t, "f.parquet") == []
+
+
+def test_a_null_in_a_fixed_size_list_column_is_named(tmp_path, capsys):
+    cols = good_columns()
+    t = table(cols)
+    v = pa.array([None if i == 3 else r for i, r in enumerate(cols["v"])], type=pa.list_(pa.float32(), 2))
+    pq.write_table(t.set_column(t.schema.get_field_index("v"), "v", v), tmp_path / "fsl.parquet")
+    assert main(["data", "validate", str(tmp_path / "fsl.parquet")]) == 1
+    out = capsys.readouterr().out
+    assert "fsl.parquet, column 'v': a fixed-size list with null rows" in out and "list<float>" in out
