@@ -1,6 +1,6 @@
 """`mmcl bench`: methods side by side on one benchmark and scenario, over seeds, as JSON and Markdown.
 
-Each (method, seed) is one whole sequence through `run_sequence`, on Ray Train + DeepSpeed
+Each (method, seed) is one whole sequence through `run_sequence`, trained afresh every time, on Ray Train + DeepSpeed
 (`executor=ray`, the default), as many side by side as the cluster's CPUs hold (each sequence one
 worker of one CPU unless the config says otherwise); `executor=local` runs them in-process as Ray
 tasks (one CPU each). Seeds change the class order and the initialisation.
@@ -12,21 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from models.methods import get_method
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from pipeline.driver import _quiet, init_ray, prepare_data, run_sequence
 
 METRICS = ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")
 
 
-def sequence_configs(config_for, methods: list[str], seeds: int, data_path: str) -> list[RunConfig]:
+def sequence_configs(config_for, methods: list[str], seeds: int, data_path: str, num_tasks: int) -> list[RunConfig]:
     """`config_for(method)`: the user's config built with that method, so that each method's own
     settings apply to the user's, not on top of another method's."""
     out = []
     for method in methods:
         for seed in range(seeds):
             cfg = copy.deepcopy(config_for(method))
-            cfg.seed, cfg.data = seed, data_path
+            cfg.seed, cfg.data, cfg.num_tasks = seed, data_path, num_tasks
             cfg.tracking.enabled = False
             cfg.cache.dir = str(cfg.cache_dir())
             cfg.output_dir = str(Path(cfg.output_dir) / "bench")
@@ -44,7 +43,7 @@ def one_cpu_each(cfg: RunConfig) -> None:
 def _run_one(cfg: RunConfig) -> dict:
     import torch
     torch.set_num_threads(1)
-    return run_sequence(cfg, log=lambda *_: None)
+    return run_sequence(cfg, log=lambda *_: None, fresh=True)
 
 
 def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str | None = None) -> dict:
@@ -52,13 +51,13 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str 
     methods' runs join the table as they were (so that a changed method reruns alone)."""
     _quiet(False)
     if not methods:
-        raise ValueError("no methods given")
-    for m in methods:
-        get_method(m)
+        raise ConfigError("--methods: no methods given")
     base = config_for(methods[0])
+    for m in methods[1:]:
+        config_for(m)  # an unknown method or a bad setting stops the bench before anything runs
+    raw_path = prepare_data(base, log)[1]  # checked, built and encoded once, before sequences run side by side
     carried = carried_runs(merge, base, methods, seeds) if merge else []
-    raw_path = prepare_data(base, log)[1]  # build and encode once, before sequences run side by side
-    configs = sequence_configs(config_for, methods, seeds, str(Path(raw_path).resolve()))
+    configs = sequence_configs(config_for, methods, seeds, str(Path(raw_path).resolve()), base.num_tasks)
     started = time.time()
     if base.executor == "local":
         import ray
@@ -81,7 +80,7 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str 
         side_by_side = max(1, int(ray.cluster_resources().get("CPU", 1) // per_sequence))
         results = []
         with ThreadPoolExecutor(side_by_side) as pool:  # each thread drives one Ray Train fit
-            futures = {pool.submit(run_sequence, cfg, log=lambda *_: None): cfg for cfg in configs}
+            futures = {pool.submit(run_sequence, cfg, log=lambda *_: None, fresh=True): cfg for cfg in configs}
             for future in as_completed(futures):
                 cfg = futures[future]
                 results.append(future.result())
@@ -99,12 +98,12 @@ def carried_runs(path: str, base: RunConfig, methods: list[str], seeds: int) -> 
     try:
         earlier = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"--merge {path}: cannot read it ({e})") from e
+        raise ConfigError(f"--merge {path}: cannot read it ({e})") from e
     expected = {"benchmark": Path(base.data).stem if base.data else base.benchmark, "scenario": base.scenario,
                 "num_tasks": base.num_tasks, "seeds": seeds}
     for key, value in expected.items():
         if earlier.get(key) != value:
-            raise ValueError(f"--merge {path}: its {key} is {earlier.get(key)!r}, this bench's is {value!r}")
+            raise ConfigError(f"--merge {path}: its {key} is {earlier.get(key)!r}, this bench's is {value!r}")
     rows = {r["method"]: r for r in earlier["rows"]}
     carried = []
     for run in earlier["runs"]:

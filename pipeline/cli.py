@@ -2,13 +2,28 @@
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.lock import FolderInUse
+
+
+def _user_errors():
+    from pipeline.data import DataError
+
+    return ConfigError, DataError, FolderInUse
+
+
+def _fail(e, verbose: bool = False) -> int:
+    """A user's error: one line (the traceback too with --verbose), exit status 2."""
+    if verbose and isinstance(e, BaseException):
+        traceback.print_exception(e)
+    print(f"mmcl: {e}", file=sys.stderr)
+    return 2
 
 
 def _run(args) -> int:
-    from pipeline.data import DataError
     from pipeline.driver import run_sequence
     from pipeline.evaluate import format_matrix
     from pipeline.tracking import ui_command
@@ -20,10 +35,9 @@ def _run(args) -> int:
             overrides.append(f"{key}={getattr(args, flag)}")
     try:
         cfg = load_config(args.config, overrides)
-        result = run_sequence(cfg, verbose=args.verbose)
-    except (ConfigError, DataError) as e:
-        print(f"mmcl: {e}", file=sys.stderr)
-        return 2
+        result = run_sequence(cfg, verbose=args.verbose, fresh=args.force)
+    except _user_errors() as e:
+        return _fail(e, args.verbose)
     print(f"\nAccuracy matrix (row i: after task i; column j: task j's test rows)\n{format_matrix(result['acc_matrix'])}")
     print(f"average accuracy {result['avg_acc']:.4f}  average incremental accuracy {result['avg_inc_acc']:.4f}  "
           f"forgetting {result['forgetting']:.4f}  ({result['seconds']:.0f}s)")
@@ -39,7 +53,6 @@ def _run(args) -> int:
 
 def _bench(args) -> int:
     from pipeline.bench import markdown, run_bench, write_bench
-    from pipeline.data import DataError
 
     overrides = list(args.overrides)
     for flag, key in (("benchmark", "benchmark"), ("data", "data"), ("scenario", "scenario"), ("tasks", "num_tasks"),
@@ -50,9 +63,8 @@ def _bench(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         summary = run_bench(lambda method: load_config(args.config, [*overrides, f"method={method}"]), methods,
                             args.seeds, merge=args.merge)
-    except (ConfigError, DataError, ValueError) as e:
-        print(f"mmcl: {e}", file=sys.stderr)
-        return 2
+    except _user_errors() as e:
+        return _fail(e, args.verbose)
     out, md = write_bench(summary, args.out)
     print("\n" + markdown(summary))
     print(f"written to {out} and {md} ({summary['seconds']:.0f}s)")
@@ -60,16 +72,14 @@ def _bench(args) -> int:
 
 
 def _sweep(args) -> int:
-    from pipeline.data import DataError
     from tune.sweep import load_sweep, run_sweep
 
     try:
         cfg, sweep = load_sweep(args.config, args.overrides, samples=args.samples, scheduler=args.scheduler,
                                 search=args.search)
         summary = run_sweep(cfg, sweep, args.best_out, verbose=args.verbose)
-    except (ConfigError, DataError) as e:
-        print(f"mmcl: {e}", file=sys.stderr)
-        return 2
+    except _user_errors() as e:
+        return _fail(e, args.verbose)
     print(f"\n{summary['trials']} trials: {summary['failed']} failed, {summary['stopped_early']} stopped early")
     print(f"best: {summary['best_params']}\n  validation avg incremental accuracy {summary['best_val_avg_inc_acc']:.4f}"
           f"; on the test split: average accuracy {summary['best_test_avg_acc']:.4f}, "
@@ -192,14 +202,16 @@ def _predict(args) -> int:
 
     from pipeline.data import DataError, read_parquet
 
-    mlflow.set_tracking_uri(args.tracking_uri or _default_uri())
     try:
+        uri = _existing_store(args.tracking_uri)
+        mlflow.set_tracking_uri(uri)
         table = read_parquet(args.input)
         model = mlflow.pyfunc.load_model(args.model_uri)
         out = model.predict(table.to_pandas())
-    except (DataError, ValueError, mlflow.exceptions.MlflowException) as e:
-        print(f"mmcl: {e}", file=sys.stderr)
-        return 2
+    except mlflow.exceptions.MlflowException as e:
+        return _fail(f"{str(e).splitlines()[0]} (store {uri})")
+    except (DataError, ValueError) as e:
+        return _fail(e)
     if "sample_id" in table.column_names:
         out.insert(0, "sample_id", table["sample_id"].to_pylist())
     if args.out.endswith(".parquet"):
@@ -213,11 +225,13 @@ def _predict(args) -> int:
 def _lineage(args) -> int:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(args.tracking_uri or _default_uri())
-    versions = sorted(client.search_model_versions(f"name = '{args.name}'"), key=lambda v: int(v.version))
+    try:
+        uri = _existing_store(args.tracking_uri)
+    except ConfigError as e:
+        return _fail(e)
+    versions = sorted(MlflowClient(uri).search_model_versions(f"name = '{args.name}'"), key=lambda v: int(v.version))
     if not versions:
-        print(f"mmcl: no registered model '{args.name}'", file=sys.stderr)
-        return 2
+        return _fail(f"no registered model '{args.name}' in {uri}")
     for v in versions:
         t = v.tags
         parent = t.get("mmcl.continued_from_version") or "-"
@@ -227,10 +241,17 @@ def _lineage(args) -> int:
     return 0
 
 
-def _default_uri() -> str:
-    from pipeline.tracking import tracking_uri
+def _existing_store(uri: str | None) -> str:
+    """The store a read-only command reads (default: the project's under runs/); never created here."""
+    from pipeline.tracking import sqlite_path, tracking_uri
 
-    return tracking_uri(load_config())
+    given = uri
+    uri = uri or tracking_uri(load_config())
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise ConfigError(f"no MLflow store at {db} ({'--tracking-uri' if given else 'the default store'}); "
+                          "pass --tracking-uri with the store a run wrote (`mmcl run` prints it)")
+    return uri
 
 
 def _ui(args) -> int:
@@ -238,7 +259,10 @@ def _ui(args) -> int:
     import signal
     import subprocess
 
-    uri = args.tracking_uri or _default_uri()
+    try:
+        uri = _existing_store(args.tracking_uri)
+    except ConfigError as e:
+        return _fail(e)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
@@ -282,7 +306,9 @@ def main(argv=None) -> int:
     run.add_argument("--method")
     run.add_argument("--seed", type=int)
     run.add_argument("--address", help="Ray cluster address (default: a local Ray started on demand)")
-    run.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs")
+    run.add_argument("--force", action="store_true",
+                     help="start a new sequence even if this one has finished (or is half done)")
+    run.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs and tracebacks")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=5 model.num_experts=8")
     run.set_defaults(func=_run)
     bench = sub.add_parser("bench", help="methods side by side over seeds: JSON and a Markdown table")
@@ -299,6 +325,7 @@ def main(argv=None) -> int:
                             "local: in-process, a debugging aid")
     bench.add_argument("--merge", help="an earlier bench JSON (same benchmark, scenario, tasks, seeds): its other "
                                        "methods' runs join this table as they were")
+    bench.add_argument("--verbose", action="store_true", help="tracebacks of errors")
     bench.add_argument("overrides", nargs="*")
     bench.set_defaults(func=_bench)
     sweep = sub.add_parser("sweep", help="Ray Tune over whole sequences (experts, top-k, loss weights, lr)")

@@ -66,7 +66,7 @@ class RunConfig:
     benchmark: str = "mfeat"
     data: str | None = None  # a Parquet file or folder in the project's schema, instead of a benchmark
     scenario: str = "class-il"
-    num_tasks: int = 5
+    num_tasks: int = 0  # 0: one per domain (domain-il), else 5 (or one per class when fewer)
     method: str = "cmoe"
     seed: int = 0
     ray_address: str | None = None
@@ -122,9 +122,12 @@ def _build(cls, values: dict, where: str):
             value = _build(type(default), value, f"{where}.{key}")
         elif known[key].type in (int, float) and not isinstance(value, bool):
             try:  # YAML reads 1e-3 as a string
-                value = known[key].type(value)
+                number = float(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: '{key}' must be a number, not {value!r}") from None
+            if known[key].type is int and not number.is_integer():
+                raise ConfigError(f"{where}: '{key}' must be a whole number, not {value!r}")
+            value = known[key].type(number)
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -181,9 +184,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return config_from_dict(values, overrides, str(path) if path else "config")
 
 
+# key: (lowest, highest, lowest allowed itself); None: no bound.
+RANGES = {
+    "num_tasks": (0, None, True), "seed": (0, None, True), "encoder_tokens": (1, None, True),
+    "train.epochs": (1, None, True), "train.batch_size": (1, None, True), "train.lr": (0, None, False),
+    "train.weight_decay": (0, None, True), "train.num_workers": (0, None, True),
+    "train.cpus_per_worker": (0, None, True), "train.bucket_size": (1, None, True),
+    "train.max_failures": (-1, None, True), "train.val_fraction": (0, 1, True),
+    "model.dim": (1, None, True), "model.blocks": (1, None, True), "model.heads": (1, None, True),
+    "model.num_experts": (1, None, True), "model.bottleneck": (1, None, True), "model.dropout": (0, 1, True),
+    "model.freeze_per_task": (0, None, True), "model.experts_per_task": (0, None, True),
+    "model.adapt_tasks": (0, None, True), "model.projection": (1, None, True),
+    "model.class_gaussians": (0, None, True), "model.memory": (0, None, True),
+    "cache.actors": (0, None, True), "cache.batch_size": (1, None, True),
+    **{f"loss.{f.name}": (0, None, f.name not in ("kd_temperature", "align_temperature"))
+       for f in dataclasses.fields(LossWeights)},
+}
+CHOICES = {"scenario": ("class-il", "domain-il"), "executor": ("ray", "local"),
+           "train.precision": ("auto", "fp32", "bf16"), "train.zero_stage": (0, 1, 2, 3),
+           "model.head": ("analytic", "cosine")}
+
+
 def _check(cfg: RunConfig) -> None:
-    if cfg.scenario not in ("class-il", "domain-il"):
-        raise ConfigError(f"scenario must be class-il or domain-il, not '{cfg.scenario}'")
+    flat = cfg.flat()
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, not {flat[key]!r}")
+    for key, (low, high, inclusive) in RANGES.items():
+        value = flat[key]
+        if value < low or (value == low and not inclusive) or (high is not None and value >= high):
+            bound = f"{'at least' if inclusive else 'above'} {low}" + (f" and below {high}" if high is not None else "")
+            raise ConfigError(f"{key} must be {bound}, not {value}")
     if not isinstance(cfg.encoders, dict):
         raise ConfigError("encoders must map modality columns to encoder specs, e.g. {image: timm:resnet18}")
     from models.encoders import encoder_kind
@@ -192,21 +223,7 @@ def _check(cfg: RunConfig) -> None:
             encoder_kind(str(spec))
         except ValueError as e:
             raise ConfigError(f"encoders.{column}: {e}") from None
-    if cfg.encoder_tokens < 1:
-        raise ConfigError("encoder_tokens must be at least 1")
-    if cfg.executor not in ("ray", "local"):
-        raise ConfigError(f"executor must be ray or local, not '{cfg.executor}'")
-    if cfg.num_tasks < 1:
-        raise ConfigError("num_tasks must be at least 1")
-    if not 0 <= cfg.train.val_fraction < 1:
-        raise ConfigError("train.val_fraction must be in [0, 1)")
-    if cfg.train.epochs < 1:
-        raise ConfigError("train.epochs must be at least 1")
-    if cfg.train.num_workers < 0 or cfg.train.cpus_per_worker < 0:
-        raise ConfigError("train.num_workers and train.cpus_per_worker must be positive (0: automatic)")
-    if cfg.train.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision must be auto, fp32 or bf16, not '{cfg.train.precision}'")
-    if cfg.train.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError("train.zero_stage must be 0, 1, 2 or 3")
     if not 1 <= cfg.model.top_k <= cfg.model.num_experts:
         raise ConfigError("model.top_k must be between 1 and model.num_experts")
+    if cfg.model.dim % cfg.model.heads:
+        raise ConfigError(f"model.dim ({cfg.model.dim}) must be a multiple of model.heads ({cfg.model.heads})")

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -19,8 +20,9 @@ from pipeline.cache import build_features, encoder_specs
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data import load_data
 from pipeline.evaluate import summarize
-from pipeline.scenario import make_scenario
-from pipeline.tracking import NoTracker, Tracker, data_fingerprint
+from pipeline.lock import RunLock
+from pipeline.scenario import default_tasks, make_scenario
+from pipeline.tracking import TRACKING_ERRORS, NoTracker, Tracker, check_tracking_server, data_fingerprint, tracking_uri
 from pipeline.worker import learn_sequence_local, save_model, train_func_per_worker
 
 STATE_FILE = "state.json"
@@ -34,14 +36,17 @@ class SequenceState:
         self.folder, self.data = folder, data
 
     @classmethod
-    def open(cls, folder: Path, fingerprint: str) -> "SequenceState":
+    def open(cls, folder: Path, fingerprint: str, fresh: bool = False) -> "SequenceState":
+        """The folder's sequence, unfinished or finished; a new one with `fresh` (the folder emptied,
+        its lock kept)."""
         path = folder / STATE_FILE
-        if path.is_file():
+        if path.is_file() and not fresh:
             data = json.loads(path.read_text())
-            if data.get("fingerprint") == fingerprint and not data.get("complete"):
+            if data.get("fingerprint") == fingerprint and (not data.get("complete") or "result" in data):
                 return cls(folder, data)
-            shutil.rmtree(folder)  # a finished or different sequence: start afresh
-        folder.mkdir(parents=True, exist_ok=True)
+        for entry in folder.iterdir():
+            if entry.name != RunLock.NAME:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         return cls(folder, {"fingerprint": fingerprint, "complete": False, "mlflow_run_id": None, "tasks": []})
 
     @property
@@ -54,6 +59,29 @@ class SequenceState:
         tmp.replace(self.folder / STATE_FILE)
 
 
+def check_ray_address(address: str | None, timeout_s: float = 5) -> None:
+    """A Ray that does not answer fails in seconds, not after Ray's own retries (minutes)."""
+    from ray._private.services import get_ray_address_from_environment
+
+    if address == "local":
+        return
+    env = os.environ.get("RAY_ADDRESS")
+    source = "RAY_ADDRESS" if env else "--address (ray_address)" if address not in (None, "auto") else \
+        "the last `ray start` on this machine (ray_current_cluster in Ray's temp folder)"
+    try:
+        found = get_ray_address_from_environment(address, None)
+    except ConnectionError:  # "auto" with no cluster: ray.init says so
+        return
+    if found is None:
+        return  # a local Ray is started
+    host, _, port = found.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Ray at {found} (from {source}) does not answer ({e.strerror or e}); start that cluster, "
+                          "or pass --address local for a Ray of this process's own") from None
+
+
 def init_ray(cfg: RunConfig, verbose: bool) -> None:
     import ray
     import ray.data
@@ -63,6 +91,7 @@ def init_ray(cfg: RunConfig, verbose: bool) -> None:
     os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
     if ray.is_initialized():
         return
+    check_ray_address(cfg.ray_address)
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore" if not verbose else "default"}
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -222,9 +251,11 @@ def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.nd
 
 def prepare_data(cfg: RunConfig, log=print, verbose: bool = False):
     """The data the model reads: the file itself, or its features from the cache (encoded first if
-    needed). Returns (data, raw path, raw fingerprint, path read, encoder specs)."""
+    needed), once `num_tasks` is set and checked against it. Returns (data, raw path, raw fingerprint,
+    path read, encoder specs)."""
     raw_path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
     data = load_data(raw_path)
+    check_tasks(cfg, data)
     fingerprint = data_fingerprint(raw_path)
     if not data.needs_encoding:
         return data, raw_path, fingerprint, raw_path, {}
@@ -234,13 +265,27 @@ def prepare_data(cfg: RunConfig, log=print, verbose: bool = False):
     return load_data(features), raw_path, fingerprint, features, encoder_specs(data, cfg.encoders)
 
 
-def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=None) -> dict:
-    """Runs (or resumes) the whole sequence and returns the output-contract dict.
+def check_tasks(cfg: RunConfig, data) -> None:
+    """`num_tasks` from the data when unset (0), and whether the data makes that many tasks."""
+    labels, domains = data.column("label"), data.column("domain").astype(str)
+    cfg.num_tasks = cfg.num_tasks or default_tasks(cfg.scenario, labels, domains)
+    try:
+        make_scenario(cfg.scenario, labels, domains, cfg.num_tasks, cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"num_tasks: {e}") from None
+
+
+def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=None, fresh: bool = False) -> dict:
+    """Runs, resumes or (when it has finished) reports the whole sequence, and returns the
+    output-contract dict. `fresh`: a new sequence, whatever the run folder holds.
 
     `on_task_end(task_entry)` is called after each task trained in this call (a sweep reports there).
     """
     _quiet(verbose)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")  # a server gone costs 30 s a call, not 4 min
     started = time.time()
+    if cfg.tracking.enabled:
+        check_tracking_server(tracking_uri(cfg))
     data, raw_path, fingerprint, data_path, encoders = prepare_data(cfg, log, verbose)
     if cfg.executor == "ray":
         init_ray(cfg, verbose)
@@ -251,81 +296,117 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     class_index[scenario.class_order] = np.arange(len(scenario.class_order))
     name = f"{Path(raw_path).stem}-{cfg.scenario}-{cfg.method}-seed{cfg.seed}"
     run_dir = Path(cfg.output_dir) / f"{name}-{cfg.fingerprint()}"
-    state = SequenceState.open(run_dir, cfg.fingerprint())
-    method = get_method(cfg.method)
-    spec = {"family": method.family, "modalities": data.modalities, "class_order": scenario.class_order,
-            "encoders": encoders, "tokens": cfg.encoder_tokens, "model": vars(cfg.model)}
-    split, _ = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction,
-                                   data.column("group") if "group" in data.table.column_names else None)
-    table = data.table.select(["label", "domain", *data.modalities]).append_column("split", pa.array(split))
-    tasks = [{"index": t.index, "head_size": scenario.head_size_after(t.index),
-              "train": task_rows(t, scenario, method.joint), "eval": task_rows(t, scenario, False)}
-             for t in scenario.tasks]
-    config = {"tasks": tasks, "first_task": len(state.tasks), "seed": cfg.seed, "spec": spec, "train": vars(cfg.train),
-              "loss": vars(cfg.loss), "class_index": class_index.tolist(), "verbose": verbose}
+    with RunLock(run_dir) as lock:
+        if lock.taken_over:
+            log(f"Taking over {run_dir} from {lock.taken_over}, which is no longer running")
+        state = SequenceState.open(run_dir, cfg.fingerprint(), fresh)
+        tracker = Tracker(cfg) if cfg.tracking.enabled else NoTracker()
+        if state.data["complete"]:
+            return report_finished(cfg, state, scenario, tracker, raw_path, fingerprint, data_path, log)
+        method = get_method(cfg.method)
+        spec = {"family": method.family, "modalities": data.modalities, "class_order": scenario.class_order,
+                "encoders": encoders, "tokens": cfg.encoder_tokens, "model": vars(cfg.model)}
+        split, _ = hold_out_validation(split, labels, data.column("sample_id"), cfg.train.val_fraction,
+                                       data.column("group") if "group" in data.table.column_names else None)
+        table = data.table.select(["label", "domain", *data.modalities]).append_column("split", pa.array(split))
+        tasks = [{"index": t.index, "head_size": scenario.head_size_after(t.index),
+                  "train": task_rows(t, scenario, method.joint), "eval": task_rows(t, scenario, False)}
+                 for t in scenario.tasks]
+        config = {"tasks": tasks, "first_task": len(state.tasks), "seed": cfg.seed, "spec": spec,
+                  "train": vars(cfg.train), "loss": vars(cfg.loss), "class_index": class_index.tolist(), "verbose": verbose}
 
-    tracker = Tracker(cfg) if cfg.tracking.enabled else NoTracker()
-    resumed = bool(state.tasks)
-    seconds_before = state.data.get("seconds", 0.0)
-    state.data["mlflow_run_id"] = tracker.start_sequence(cfg, name, state.data["mlflow_run_id"])
-    state.save()
-    if resumed:
-        log(f"Resuming {run_dir}: tasks 0-{len(state.tasks) - 1} already finished")
-
-    def task_header(i: int) -> None:
-        if i < len(scenario.tasks):
-            t = scenario.tasks[i]
-            log(f"Task {i + 1}/{len(scenario.tasks)}: "
-                + (f"classes {t.classes}" if scenario.kind == "class-il" else f"domains {t.domains}"))
-
-    def finish_task(entry: dict, checkpoint_path: str, local: Path) -> None:
-        """A task's model is in `local` (and at `checkpoint_path`, where the next run resumes from):
-        record it, log it to MLflow, tell the caller."""
-        task = scenario.tasks[entry["index"]]
-        matrix = [t["row"] for t in state.tasks] + [entry["rows"]["test"]]
-        done = {"index": task.index, "classes": task.classes, "domains": task.domains, "checkpoint": checkpoint_path,
-                "local": str(local), "row": entry["rows"]["test"], "history": entry["history"],
-                "summary": summarize(matrix), "logged": False}
-        if "val" in entry["rows"]:
-            done["val_row"] = entry["rows"]["val"]
-            done["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [done["val_row"]])
-        if "modality_acc" in entry:
-            done["modality_acc"] = entry["modality_acc"]
-        state.tasks.append(done)
-        state.data["seconds"] = seconds_before + time.time() - started
+        resumed = bool(state.tasks)
+        seconds_before = state.data.get("seconds", 0.0)
+        state.data["mlflow_run_id"] = tracker.start_sequence(cfg, name, state.data["mlflow_run_id"])
         state.save()
-        log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in done['row'] if a is not None)}")
-        _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
-        for t in state.tasks[:-1]:  # the next task and a resume start from the last; MLflow holds the rest
-            if t["logged"]:
-                shutil.rmtree(t["local"], ignore_errors=True)
-        if on_task_end:
-            on_task_end(done)
-        task_header(task.index + 1)
+        if resumed:
+            log(f"Resuming {run_dir}: tasks 0-{len(state.tasks) - 1} already finished")
+        offline = []  # the first MLflow error: not asked again in this call; the next run logs what is left
 
-    try:
+        def to_mlflow(call, *args) -> bool:
+            if offline:
+                return False
+            try:
+                call(*args)
+                return True
+            except TRACKING_ERRORS as e:
+                offline.append(e)
+                log(f"  MLflow at {tracker.uri} failed ({str(e).splitlines()[0][:200]}): finished tasks stay in "
+                    f"{run_dir}, and `mmcl run` with the same arguments logs them")
+                return False
+
+        def task_header(i: int) -> None:
+            if i < len(scenario.tasks):
+                t = scenario.tasks[i]
+                log(f"Task {i + 1}/{len(scenario.tasks)}: "
+                    + (f"classes {t.classes}" if scenario.kind == "class-il" else f"domains {t.domains}"))
+
+        def finish_task(entry: dict, checkpoint_path: str, local: Path) -> None:
+            """A task's model is in `local` (and at `checkpoint_path`, where the next run resumes from):
+            record it, log it to MLflow, tell the caller."""
+            task = scenario.tasks[entry["index"]]
+            matrix = [t["row"] for t in state.tasks] + [entry["rows"]["test"]]
+            done = {"index": task.index, "classes": task.classes, "domains": task.domains,
+                    "checkpoint": checkpoint_path, "local": str(local), "row": entry["rows"]["test"], "history": entry["history"],
+                    "summary": summarize(matrix), "logged": False}
+            if "val" in entry["rows"]:
+                done["val_row"] = entry["rows"]["val"]
+                done["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [done["val_row"]])
+            if "modality_acc" in entry:
+                done["modality_acc"] = entry["modality_acc"]
+            state.tasks.append(done)
+            state.data["seconds"] = seconds_before + time.time() - started
+            state.save()
+            log(f"  accuracy on tasks seen so far: {' '.join(f'{a:.3f}' for a in done['row'] if a is not None)}")
+            to_mlflow(_log_unlogged_tasks, tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
+            for t in state.tasks[:-1]:  # the next task and a resume start from the last; MLflow holds the rest
+                if t["logged"]:
+                    shutil.rmtree(t["local"], ignore_errors=True)
+            if on_task_end:
+                on_task_end(done)
+            task_header(task.index + 1)
+
+        try:
+            to_mlflow(_log_unlogged_tasks, tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
+            task_header(len(state.tasks))
+            if len(state.tasks) < len(scenario.tasks):
+                if cfg.executor == "local":
+                    run_local(config, table, state, run_dir, log, finish_task)
+                else:
+                    run_on_ray(cfg, config, table, state, run_dir, verbose, log, finish_task)
+        except BaseException:
+            to_mlflow(tracker.fail_sequence, state.data["mlflow_run_id"])
+            raise
+        matrix = [t["row"] for t in state.tasks]
+        seconds = seconds_before + time.time() - started
+        result = {"benchmark": cfg.benchmark if not cfg.data else str(cfg.data), "scenario": cfg.scenario,
+                  "method": cfg.method, "seed": cfg.seed, "num_tasks": len(scenario.tasks), "acc_matrix": matrix,
+                  **summarize(matrix), "seconds": seconds, "mlflow_run_id": state.data["mlflow_run_id"]}
+        if "val_summary" in state.tasks[-1]:
+            result["val"] = state.tasks[-1]["val_summary"]
+        if "modality_acc" in state.tasks[-1]:
+            result["avg_acc_only"] = state.tasks[-1]["modality_acc"]  # average accuracy with one modality seen
+        state.data.update(complete=True, result=result, result_logged=False)
+        state.save()
+        state.data["result_logged"] = to_mlflow(tracker.finish_sequence, state.data["mlflow_run_id"], result)
+        state.save()
+        return result
+
+
+def report_finished(cfg: RunConfig, state: SequenceState, scenario, tracker, raw_path, fingerprint, data_path,
+                    log) -> dict:
+    """A finished sequence is not trained again: what MLflow still lacks is logged, the result returned."""
+    run_id, result = state.data["mlflow_run_id"], state.data["result"]
+    if not state.data.get("result_logged", True) or not all(t["logged"] for t in state.tasks):
+        tracker.start_sequence(cfg, "", run_id)
         _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
-        task_header(len(state.tasks))
-        if len(state.tasks) < len(scenario.tasks):
-            if cfg.executor == "local":
-                run_local(config, table, state, run_dir, log, finish_task)
-            else:
-                run_on_ray(cfg, config, table, state, run_dir, verbose, log, finish_task)
-    except BaseException:
-        tracker.fail_sequence(state.data["mlflow_run_id"])
-        raise
-    matrix = [t["row"] for t in state.tasks]
-    seconds = seconds_before + time.time() - started
-    result = {"benchmark": cfg.benchmark if not cfg.data else str(cfg.data), "scenario": cfg.scenario,
-              "method": cfg.method, "seed": cfg.seed, "num_tasks": len(scenario.tasks), "acc_matrix": matrix,
-              **summarize(matrix), "seconds": seconds, "mlflow_run_id": state.data["mlflow_run_id"]}
-    if "val_summary" in state.tasks[-1]:
-        result["val"] = state.tasks[-1]["val_summary"]
-    if "modality_acc" in state.tasks[-1]:
-        result["avg_acc_only"] = state.tasks[-1]["modality_acc"]  # average accuracy with one modality seen
-    tracker.finish_sequence(state.data["mlflow_run_id"], result)
-    state.data["complete"] = True
-    state.save()
+        tracker.finish_sequence(run_id, result)
+        state.data["result_logged"] = True
+        state.save()
+    versions = ", ".join(str(t.get("model_version")) for t in state.tasks if t.get("model_version"))
+    log(f"Already finished: {state.folder}" + (f" (MLflow run {run_id}, model {tracker.model_name} versions "
+                                                f"{versions})" if run_id else "")
+        + "; --force starts a new sequence")
     return result
 
 

@@ -32,7 +32,18 @@ class Scenario:
         return np.array([lookup[v] for v in labels], dtype=np.int64)
 
 
+DEFAULT_CLASS_IL_TASKS = 5
+
+
+def default_tasks(kind: str, labels: np.ndarray, domains: np.ndarray) -> int:
+    """`num_tasks: 0`: one task per domain (domain-IL), else five, or one per class when fewer."""
+    if kind == "domain-il":
+        return len(np.unique(domains))
+    return min(DEFAULT_CLASS_IL_TASKS, len(np.unique(labels)))
+
+
 def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, num_tasks: int, seed: int) -> Scenario:
+    """Raises ValueError when the data cannot make `num_tasks` tasks."""
     rng = np.random.default_rng(seed)
     classes = sorted(np.unique(labels).tolist())
     if kind == "class-il":
@@ -44,6 +55,8 @@ def make_scenario(kind: str, labels: np.ndarray, domains: np.ndarray, num_tasks:
         return Scenario(kind, order, tasks)
     if kind == "domain-il":
         doms = sorted(np.unique(domains).tolist())
+        if len(doms) < 2:
+            raise ValueError(f"domain-il: the data has one domain ({doms[0]!r}); domain-il needs two or more")
         if num_tasks > len(doms):
             raise ValueError(f"domain-il: {num_tasks} tasks but only {len(doms)} domains ({doms})")
         order = [doms[i] for i in rng.permutation(len(doms))]

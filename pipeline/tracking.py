@@ -1,18 +1,23 @@
 """MLflow: a parent run per sequence, a child run and a registered model version per task."""
 import hashlib
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
+from pipeline.lock import file_lock
 
 TASK_TAG = "mmcl.task_index"
 MODEL_REQUIREMENTS = ["torch", "numpy", "pandas", "pyarrow"]
+TRACKING_ERRORS = (mlflow.exceptions.MlflowException, requests.RequestException, OSError)
+TRANSIENT = ("database is locked", "database table is locked")  # SQLite under concurrent writers
 
 
 def experiment_name(cfg: RunConfig) -> str:
@@ -85,6 +90,58 @@ def local_store(cfg: RunConfig) -> str:
     return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
+def check_tracking_server(uri: str, timeout_s: float = 5) -> None:
+    """A tracking server that does not answer fails in seconds, before anything runs."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        reason = None if response.ok else f"HTTP {response.status_code} from /health"
+    except requests.RequestException as e:
+        reason = "connection refused" if "refused" in str(e) else type(e).__name__
+    if reason:
+        raise ConfigError(f"tracking.uri: {uri} does not answer ({reason}); start the MLflow server there, or leave "
+                          "tracking.uri unset for the store under output_dir")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def open_client(uri: str) -> MlflowClient:
+    """A client whose store exists: a new SQLite store's schema is created by one process at a time."""
+    db = sqlite_path(uri)
+    if db is None:
+        return Retrying(MlflowClient(uri))
+    with file_lock(db.with_name(db.name + ".lock")):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    return Retrying(client)
+
+
+def retry(call, *args, attempts: int = 6, **kwargs):
+    """`call`, again after the store's transient errors (a locked SQLite database)."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == attempts - 1 or not any(t in str(e) for t in TRANSIENT):
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+
+
+class Retrying:
+    """An MlflowClient whose every call goes through `retry`."""
+
+    def __init__(self, client: MlflowClient):
+        self.client = client
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        return (lambda *a, **k: retry(attr, *a, **k)) if callable(attr) else attr
+
+
 def ui_command(cfg: RunConfig) -> str:
     uri = tracking_uri(cfg)
     if not uri.startswith("sqlite:"):
@@ -94,8 +151,8 @@ def ui_command(cfg: RunConfig) -> str:
 
 class Tracker:
     def __init__(self, cfg: RunConfig):
-        self.client = MlflowClient(tracking_uri(cfg))
         self.uri = tracking_uri(cfg)
+        self.client = open_client(self.uri)
         self.model_name = registered_model_name(cfg)
         name = experiment_name(cfg)
         exp = self.client.get_experiment_by_name(name)
@@ -103,9 +160,13 @@ class Tracker:
             artifacts = None  # a tracking server's own artifact store, or a local store's folder beside it
             if self.uri == local_store(cfg):  # (a sweep passes its local store on to its trials by URI)
                 artifacts = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
-        else:
-            self.experiment_id = exp.experiment_id
+            try:
+                exp = self.client.get_experiment(self.client.create_experiment(name, artifact_location=artifacts))
+            except mlflow.exceptions.MlflowException:
+                exp = self.client.get_experiment_by_name(name)  # created meanwhile by a run beside this one
+                if exp is None:
+                    raise
+        self.experiment_id = exp.experiment_id
 
     def start_sequence(self, cfg: RunConfig, run_name: str, run_id: str | None = None) -> str:
         """The sequence's parent run: reopened when resuming, else created with the config as params."""
@@ -162,9 +223,8 @@ class Tracker:
             return str(found[0].version)
         mlflow.set_tracking_uri(self.uri)  # the fluent API and the registry's model-URI lookup use it
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=TaskModel(),
-                                           artifacts={"checkpoint": str(checkpoint_dir)},
-                                           pip_requirements=MODEL_REQUIREMENTS)
+            info = retry(mlflow.pyfunc.log_model, name="model", python_model=TaskModel(),
+                         artifacts={"checkpoint": str(checkpoint_dir)}, pip_requirements=MODEL_REQUIREMENTS)
         tags = {"mmcl.task_index": str(task_index), "mmcl.run_id": run_id, **lineage}
         try:
             self.client.create_registered_model(self.model_name)

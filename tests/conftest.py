@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,35 +29,61 @@ def ray_local():
     ray.shutdown()
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process it started (its local Ray included), by PID."""
+    import psutil
+
+    try:
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = [proc.pid]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 over a store in `folder` (started again later, the same store)."""
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{url}/health", timeout=30).ok:
+                return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    stop_server(proc)
+    pytest.fail("mlflow server did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    from pipeline.cli import stop_process_group
+
+    if proc.poll() is None:
+        stop_process_group(proc)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    proc, url = start_mlflow_server(tmp_path)
     try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{url}/health", timeout=30).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
         yield url
     finally:
-        from pipeline.cli import stop_process_group
-
-        stop_process_group(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

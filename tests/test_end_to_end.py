@@ -1,17 +1,16 @@
 """The whole pipeline for real: local Ray, DeepSpeed engines in 2 workers, an MLflow SQLite store."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import kill_tree
 from pipeline.cli import main
 
 pytestmark = pytest.mark.slow
@@ -101,7 +100,7 @@ def test_a_killed_sequence_resumes_at_the_last_finished_task(ray_local, tmp_path
             time.sleep(1)
         assert state_file is not None, "the first task never finished"
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     before = json.loads(state_file.read_text())
     assert len(before["tasks"]) < 3, "the run finished before it could be killed"
 
@@ -117,17 +116,3 @@ def test_a_killed_sequence_resumes_at_the_last_finished_task(ray_local, tmp_path
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"]]
     assert sorted(r.data.tags["mmcl.task_index"] for r in children) == ["0", "1", "2"]  # each logged once
     assert all(r.info.status == "FINISHED" for r in children)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the run and every process it started (its local Ray included), by PID."""
-    try:
-        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = [proc.pid]
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)

@@ -31,7 +31,7 @@ def test_every_method_learns_each_task(method, synthetic, tmp_path):
 
 def test_each_bench_sequence_gets_its_own_methods_settings():
     config_for = lambda m: load_config(None, ["method=finetune", "train.epochs=4", f"method={m}"])  # noqa: E731
-    configs = {c.method: c for c in sequence_configs(config_for, ["cmoe", "finetune"], 1, "x.parquet")}
+    configs = {c.method: c for c in sequence_configs(config_for, ["cmoe", "finetune"], 1, "x.parquet", 5)}
     assert configs["cmoe"].loss.kd == 1.0 and configs["finetune"].loss.kd == 0.0  # nothing leaks between methods
     assert configs["cmoe"].train.epochs == 4 and not configs["cmoe"].tracking.enabled
 

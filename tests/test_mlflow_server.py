@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from pipeline.cli import main
+from pipeline.tracking import open_client
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +51,13 @@ def test_mmcl_ui_serves_the_store_on_localhost_and_stops_with_ctrl_c(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port), "--tracking-uri",
-                             f"sqlite:///{tmp_path / 'ui.db'}"], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    store = f"sqlite:///{tmp_path / 'ui.db'}"
+    command = [sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port), "--tracking-uri", store]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "no MLflow store at" in refused.stderr  # ui never creates a store
+    assert not (tmp_path / "ui.db").exists()
+    open_client(store)  # the store a run creates
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
         for _ in range(120):

@@ -43,6 +43,11 @@ def test_each_shipped_sweep_config_loads(path):
     ("train.lr=fast", "'lr' must be a number"),
     ("scenario=task-il", "scenario must be"),
     ("model.top_k=9", "top_k"),
+    ("train.lr=-0.5", "train.lr must be above 0, not -0.5"),
+    ("train.batch_size=0", "train.batch_size must be at least 1, not 0"),
+    ("train.epochs=2.9", "'epochs' must be a whole number, not 2.9"),
+    ("model.dropout=1", "model.dropout must be at least 0 and below 1"),
+    ("model.head=ridge", "model.head must be one of analytic, cosine"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -89,7 +89,7 @@ def run_trial(params: dict, base: dict):
                      "val_avg_acc": val.get("avg_acc", math.nan), "test_avg_acc": test["avg_acc"],
                      "test_avg_inc_acc": test["avg_inc_acc"], "test_forgetting": test["forgetting"]})
 
-    run_sequence(cfg, log=lambda *_: None, on_task_end=report)
+    run_sequence(cfg, log=lambda *_: None, on_task_end=report, fresh=True)  # a trial reports every task
 
 
 def _record_invalid_trial(base: dict, params: dict, error: Exception) -> None:
