@@ -263,7 +263,8 @@ def _ui(args) -> int:
         uri = _existing_store(args.tracking_uri)
     except ConfigError as e:
         return _fail(e)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}  # (the server's own, about its web stack)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
     # Ctrl-C and SIGTERM stop the server too, even where a shell started us with SIGINT ignored.
@@ -271,11 +272,22 @@ def _ui(args) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    for name, link in experiment_links(uri, f"http://127.0.0.1:{args.port}"):
+        print(f"  {name}: {link}", flush=True)
     try:
         return proc.wait()
     except KeyboardInterrupt:
         stop_process_group(proc)
         return 0
+
+
+def experiment_links(uri: str, address: str) -> list[tuple[str, str]]:
+    """Each experiment's runs (the sequences and their task runs) in the UI's model-training view
+    (the UI opens in its GenAI view otherwise)."""
+    from mlflow.tracking import MlflowClient
+
+    found = [e for e in MlflowClient(uri).search_experiments() if e.name != "Default"]
+    return [(e.name, f"{address}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning") for e in found]
 
 
 def stop_process_group(proc, grace_s: float = 10) -> None:

@@ -22,7 +22,8 @@ from pipeline.data import load_data
 from pipeline.evaluate import summarize
 from pipeline.lock import RunLock
 from pipeline.scenario import default_tasks, make_scenario
-from pipeline.tracking import TRACKING_ERRORS, NoTracker, Tracker, check_tracking_server, data_fingerprint, tracking_uri
+from pipeline.tracking import (TRACKING_ERRORS, NoTracker, Tracker, check_tracking_server, data_fingerprint,
+                               task_labels, tracking_uri)
 from pipeline.worker import learn_sequence_local, save_model, train_func_per_worker
 
 STATE_FILE = "state.json"
@@ -313,7 +314,8 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
                   "train": task_rows(t, scenario, method.joint), "eval": task_rows(t, scenario, False)}
                  for t in scenario.tasks]
         config = {"tasks": tasks, "first_task": len(state.tasks), "seed": cfg.seed, "spec": spec,
-                  "train": vars(cfg.train), "loss": vars(cfg.loss), "class_index": class_index.tolist(), "verbose": verbose}
+                  "train": vars(cfg.train), "loss": vars(cfg.loss), "class_index": class_index.tolist(),
+                  "verbose": verbose}
 
         resumed = bool(state.tasks)
         seconds_before = state.data.get("seconds", 0.0)
@@ -335,11 +337,15 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
                     f"{run_dir}, and `mmcl run` with the same arguments logs them")
                 return False
 
+        dataset = {"name": Path(raw_path).stem, "path": raw_path, "fingerprint": fingerprint,
+                   "features": data_path if data_path != raw_path else None}
+
         def task_header(i: int) -> None:
             if i < len(scenario.tasks):
                 t = scenario.tasks[i]
                 log(f"Task {i + 1}/{len(scenario.tasks)}: "
                     + (f"classes {t.classes}" if scenario.kind == "class-il" else f"domains {t.domains}"))
+                to_mlflow(tracker.start_task, state.data["mlflow_run_id"], cfg, t, len(scenario.tasks), dataset)
 
         def finish_task(entry: dict, checkpoint_path: str, local: Path) -> None:
             """A task's model is in `local` (and at `checkpoint_path`, where the next run resumes from):
@@ -347,8 +353,8 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
             task = scenario.tasks[entry["index"]]
             matrix = [t["row"] for t in state.tasks] + [entry["rows"]["test"]]
             done = {"index": task.index, "classes": task.classes, "domains": task.domains,
-                    "checkpoint": checkpoint_path, "local": str(local), "row": entry["rows"]["test"], "history": entry["history"],
-                    "summary": summarize(matrix), "logged": False}
+                    "checkpoint": checkpoint_path, "local": str(local), "row": entry["rows"]["test"],
+                    "history": entry["history"], "summary": summarize(matrix), "logged": False}
             if "val" in entry["rows"]:
                 done["val_row"] = entry["rows"]["val"]
                 done["val_summary"] = summarize([t["val_row"] for t in state.tasks] + [done["val_row"]])
@@ -388,9 +394,28 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
             result["avg_acc_only"] = state.tasks[-1]["modality_acc"]  # average accuracy with one modality seen
         state.data.update(complete=True, result=result, result_logged=False)
         state.save()
-        state.data["result_logged"] = to_mlflow(tracker.finish_sequence, state.data["mlflow_run_id"], result)
+        state.data["result_logged"] = to_mlflow(tracker.finish_sequence, state.data["mlflow_run_id"], result,
+                                                task_labels(state.tasks))
         state.save()
+        if cfg.tracking.enabled:
+            release_checkpoints(state, run_dir)
         return result
+
+
+def release_checkpoints(state: SequenceState, run_dir: Path) -> None:
+    """A finished sequence with every task in MLflow needs none of its own checkpoints (the logged
+    models hold them): the task folders and Ray Train's copies go."""
+    if not state.data.get("result_logged") or not all(t["logged"] for t in state.tasks):
+        return
+    for t in state.tasks:
+        shutil.rmtree(t["local"], ignore_errors=True)
+        if t["checkpoint"] != t["local"]:  # Ray Train's copy, maybe on storage_path
+            checkpoint = ray.train.Checkpoint(t["checkpoint"])
+            try:
+                checkpoint.filesystem.delete_dir(checkpoint.path)
+            except OSError:  # gone already
+                pass
+    shutil.rmtree(run_dir / "ray", ignore_errors=True)
 
 
 def report_finished(cfg: RunConfig, state: SequenceState, scenario, tracker, raw_path, fingerprint, data_path,
@@ -400,9 +425,10 @@ def report_finished(cfg: RunConfig, state: SequenceState, scenario, tracker, raw
     if not state.data.get("result_logged", True) or not all(t["logged"] for t in state.tasks):
         tracker.start_sequence(cfg, "", run_id)
         _log_unlogged_tasks(tracker, state, scenario, cfg, raw_path, fingerprint, data_path)
-        tracker.finish_sequence(run_id, result)
+        tracker.finish_sequence(run_id, result, task_labels(state.tasks))
         state.data["result_logged"] = True
         state.save()
+        release_checkpoints(state, state.folder)
     versions = ", ".join(str(t.get("model_version")) for t in state.tasks if t.get("model_version"))
     log(f"Already finished: {state.folder}" + (f" (MLflow run {run_id}, model {tracker.model_name} versions "
                                                 f"{versions})" if run_id else "")

@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 
+import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +18,7 @@ from pipeline.config import load_config
 from pipeline.driver import run_sequence
 from pipeline.evaluate import accuracy_row
 from pipeline.scenario import make_scenario
-from pipeline.worker import autocast, deepspeed_config, load_model
+from pipeline.worker import autocast, deepspeed_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,7 @@ def test_the_workers_evaluation_gives_the_drivers_numbers(synthetic, tmp_path, r
     cfg = config(synthetic, tmp_path, "tracking.enabled=true", "train.num_workers=2", "train.cpus_per_worker=0.5")
     result = run_sequence(cfg, log=lambda *_: None)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(client.tracking_uri)
     children = {int(r.data.tags["mmcl.task_index"]): r for r in client.search_runs(
         [client.get_experiment_by_name("synthetic").experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")}
@@ -49,7 +51,9 @@ def test_the_workers_evaluation_gives_the_drivers_numbers(synthetic, tmp_path, r
     columns = {c: table[c].to_numpy() for c in ("label", "a", "b")}
     targets = np.array([scenario.class_order.index(v) for v in labels])
     for i, row in enumerate(result["acc_matrix"]):
-        model, spec = load_model(client.download_artifacts(children[i].info.run_id, "checkpoint", str(tmp_path)))
+        version = client.search_model_versions(f"run_id = '{children[i].info.run_id}'")[0]
+        task_model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").unwrap_python_model()
+        model, spec = task_model.model, task_model.spec
         assert accuracy_row(model, columns, test, i, targets, spec["modalities"]) == row
 
 

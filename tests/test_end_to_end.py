@@ -42,23 +42,32 @@ def test_sequence_end_to_end(ray_local, tmp_path, capsys):
     parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.num_workers"] == "0" and parent.data.params["train.zero_stage"] == "0"
-    assert parent.data.metrics["avg_acc"] == pytest.approx(result["avg_acc"])
+    assert parent.data.metrics["seq/avg_acc"] == pytest.approx(result["avg_acc"], abs=1e-4)
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "acc/task_0")] == \
+        [(0, pytest.approx(matrix[0][0], abs=1e-4)), (1, pytest.approx(matrix[1][0], abs=1e-4))]  # the curve
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "seq/forgetting")] == [0, 1]
+    assert "| T1: " in parent.data.tags["mlflow.note.content"]  # the matrix as a table in the description
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["mmcl.task_index"] for r in children) == ["0", "1"]
     last = next(r for r in children if r.data.tags["mmcl.task_index"] == "1")
-    assert last.data.metrics["acc_task_0"] == pytest.approx(matrix[1][0])
+    assert last.data.metrics["acc/task_0"] == pytest.approx(matrix[1][0], abs=1e-4)
     first = next(r for r in children if r.data.tags["mmcl.task_index"] == "0")
     # cmoe: the adapter trains on every task (3 epochs logged); from the second on, with rows drawn
     # from the first task's class Gaussians, distillation and relation preservation to the first's model.
     for run in (first, last):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
-    assert client.get_metric_history(first.info.run_id, "rel") == []
-    assert len(client.get_metric_history(last.info.run_id, "rel")) == 3 and last.data.metrics["kd"] > 0
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+        # a task's run spans the task: created when it starts, ended when it ends
+        assert (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["train/elapsed_s"]
+        assert run.data.params["task.index"] == run.data.tags["mmcl.task_index"]
+        dataset = client.get_run(run.info.run_id).inputs.dataset_inputs[0].dataset
+        assert dataset.name == "mfeat"
+    assert client.get_metric_history(first.info.run_id, "train/rel") == []
+    assert len(client.get_metric_history(last.info.run_id, "train/rel")) == 3 and last.data.metrics["train/kd"] > 0
     artifact = client.download_artifacts(parent.info.run_id, "acc_matrix.json", str(tmp_path))
     assert json.loads(Path(artifact).read_text())["acc_matrix"] == matrix
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"acc_matrix.png", "acc_curves.png", "config.yaml"} <= parent_artifacts
-    assert "checkpoint" in {a.path for a in client.list_artifacts(last.info.run_id)}
+    assert client.list_artifacts(last.info.run_id) == []  # the checkpoint is stored once, in the logged model
 
     # Lineage: one registered version per task, the second continuing from the first.
     v1, v2 = sorted(client.search_model_versions("name = 'mfeat-class-il-cmoe'"), key=lambda v: int(v.version))
@@ -66,6 +75,12 @@ def test_sequence_end_to_end(ray_local, tmp_path, capsys):
     assert v2.tags["mmcl.continued_from_version"] == str(v1.version) and v1.tags["mmcl.continued_from_version"] == ""
     assert v1.tags["mmcl.config_hash"] == v2.tags["mmcl.config_hash"] == parent.data.tags["mmcl.config_fingerprint"]
     assert len(v1.tags["mmcl.data_fingerprint"]) == 16 and v1.tags["mmcl.classes_seen"].count(",") == 4
+    assert dataset.digest == v1.tags["mmcl.data_fingerprint"]
+    for v, task in ((v1, 0), (v2, 1)):  # each version linked to its logged model, named after its task
+        model = client.get_logged_model(v.source.removeprefix("models:/"))
+        assert model.name == f"task-{task}" and model.source_run_id == v.run_id
+        listed = json.loads(model.tags["mlflow.modelVersions"])
+        assert [(m["name"], str(m["version"])) for m in listed] == [("mfeat-class-il-cmoe", str(v.version))]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["lineage", "mfeat-class-il-cmoe", "--tracking-uri", uri]) == 0
     assert f"version {v2.version}: task 1 <- version {v1.version}" in capsys.readouterr().out

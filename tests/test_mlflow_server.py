@@ -40,6 +40,17 @@ def test_sequence_tracked_over_http(ray_local, mlflow_server, tmp_path):
     assert lineage[0]["mmcl.data_fingerprint"] == lineage[1]["mmcl.data_fingerprint"]
     assert lineage[1]["mmcl.sequence_run_id"] == result["mlflow_run_id"]
 
+    for v, run_id in zip(versions, [v["run_id"] for v in versions]):  # the logged model lists its version
+        model = requests.get(f"{api}/logged-models/{v['source'].removeprefix('models:/')}").json()["model"]
+        assert model["info"]["name"] == f"task-{tags[run_id]['mmcl.task_index']}"
+        listed = json.loads({t["key"]: t["value"] for t in model["info"]["tags"]}["mlflow.modelVersions"])
+        assert [(m["name"], str(m["version"])) for m in listed] == [("mfeat-class-il-cmoe", v["version"])]
+        inputs = requests.get(f"{api}/runs/get", params={"run_id": run_id}).json()["run"]["inputs"]
+        assert inputs["dataset_inputs"][0]["dataset"]["digest"] == lineage[0]["mmcl.data_fingerprint"]
+    history = requests.get(f"{api}/metrics/get-history", params={"run_id": result["mlflow_run_id"],
+                                                                 "metric_key": "seq/avg_acc"}).json()["metrics"]
+    assert [m["step"] for m in history] == [0, 1] and history[-1]["value"] == round(result["avg_acc"], 4)
+
     files = requests.get(f"{api}/artifacts/list", params={"run_id": result["mlflow_run_id"]}).json()["files"]
     assert {"acc_matrix.json", "acc_matrix.png", "acc_curves.png", "config.yaml"} <= {f["path"] for f in files}
     matrix = requests.get(f"{mlflow_server}/get-artifact",
@@ -56,10 +67,13 @@ def test_mmcl_ui_serves_the_store_on_localhost_and_stops_with_ctrl_c(tmp_path):
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "no MLflow store at" in refused.stderr  # ui never creates a store
     assert not (tmp_path / "ui.db").exists()
-    open_client(store)  # the store a run creates
+    experiment = open_client(store).create_experiment("mfeat")  # the store a run creates
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        # a link straight to the experiment's runs, in the model-training view (not the GenAI landing page)
+        link = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        assert proc.stdout.readline().split() == ["mfeat:", link]
         for _ in range(120):
             try:
                 response = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
@@ -67,7 +81,7 @@ def test_mmcl_ui_serves_the_store_on_localhost_and_stops_with_ctrl_c(tmp_path):
                 break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        assert response.ok and response.json()["experiments"][0]["name"] == "Default"
+        assert response.ok and {e["name"] for e in response.json()["experiments"]} == {"Default", "mfeat"}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         with pytest.raises(requests.ConnectionError):

@@ -17,6 +17,7 @@ from models.methods.base import ContinualModel
 RIDGE_GRID = tuple(10.0**k for k in range(-2, 7))
 HOLDOUT_EVERY = 5
 SUMS = ("gram", "gram_val", "cross", "cross_val")  # RidgeStatistics' running sums (the _val ones: held-out rows)
+GRAMS = ("gram", "gram_val")  # symmetric: a checkpoint holds their upper triangles
 
 
 def grow_buffers(module: nn.Module, names, extra: int, dim: int) -> None:
@@ -74,6 +75,9 @@ class RidgeStatistics(nn.Module):
         for name, delta in self._task.items():
             getattr(self, name).add_(reduce(delta))
         self._task = None
+        for name in GRAMS:  # exactly symmetric, so that a checkpoint's triangle restores it bit for bit
+            g = getattr(self, name)
+            g.copy_((g + g.T) / 2)
         eye = torch.eye(self.gram.shape[0], dtype=torch.float64, device=self.gram.device)
         best = None
         for lam in RIDGE_GRID:
@@ -86,6 +90,24 @@ class RidgeStatistics(nn.Module):
 
     def forward(self, x):
         return (self.features(x) @ self.weight).float()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        i, j = torch.triu_indices(*self.gram.shape)
+        for name in GRAMS:
+            destination[prefix + name] = destination[prefix + name][i, j]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        n = self.gram.shape[0]
+        i, j = torch.triu_indices(n, n)
+        for name in GRAMS:
+            packed = state_dict.get(prefix + name)
+            if packed is not None and packed.dim() == 1:  # (a full matrix: a checkpoint from before)
+                full = packed.new_zeros(n, n)
+                full[i, j] = packed
+                full[j, i] = packed
+                state_dict[prefix + name] = full
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class RidgeHead(ContinualModel):
