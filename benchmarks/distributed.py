@@ -206,10 +206,10 @@ def main() -> None:
         data = synthetic_table(out / "synthetic.parquet", args.rows)
         settings = {
             "plain loop, 2 threads": ["executor=local", "train.cpus_per_worker=2"],
-            "1 worker x 2 CPUs (default)": [],
+            "1 worker x 2 CPUs": ["train.num_workers=1", "train.cpus_per_worker=2"],
             "plain loop, 1 thread": ["executor=local", "train.cpus_per_worker=1"],
             "1 worker x 1 CPU": ["train.num_workers=1", "train.cpus_per_worker=1"],
-            "2 workers x 1 CPU, ZeRO 0": ["train.num_workers=2", "train.cpus_per_worker=1"],
+            "2 workers x 1 CPU, ZeRO 0 (default)": [],
             "2 workers x 1 CPU, ZeRO 1": ["train.num_workers=2", "train.cpus_per_worker=1", "train.zero_stage=1"],
             "2 workers x 1 CPU, ZeRO 2": ["train.num_workers=2", "train.cpus_per_worker=1", "train.zero_stage=2"],
             "2 workers x 1 CPU, ZeRO 2, overlap_comm": ["train.num_workers=2", "train.cpus_per_worker=1",

@@ -35,8 +35,8 @@ class TrainConfig:
     batch_size: int = 32  # per worker
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    num_workers: int = 0  # Ray Train workers; 0: one per node (per GPU with use_gpu)
-    cpus_per_worker: float = 0  # 0: the smallest node's CPUs (each worker runs that many torch threads)
+    num_workers: int = 0  # Ray Train workers; 0: one per CPU (per GPU with use_gpu), at most 8
+    cpus_per_worker: float = 0  # each worker runs that many torch threads; 0: one
     zero_stage: int = 0  # DeepSpeed ZeRO stage over the adapter (0 is fastest for it: BENCHMARKS.md)
     bucket_size: int = 500_000_000  # ZeRO 1-2: reduce and all-gather bucket, in elements
     overlap_comm: bool = False  # ZeRO 1-2: overlap gradient reduction with the backward pass

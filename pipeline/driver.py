@@ -104,23 +104,30 @@ def init_ray(cfg: RunConfig, verbose: bool) -> None:
     ctx.print_on_execution_start = verbose
 
 
+WORKER_MEMORY = 2 << 30  # a worker's peak resident memory, 10 cmoe tasks on mfeat (BENCHMARKS.md, "Growth")
+MAX_DEFAULT_WORKERS = 8  # 256 rows a step at the default batch; past that set num_workers and lr by hand
+
+
 def worker_resources(cfg: RunConfig) -> tuple[int | tuple[int, int], float, str]:
     """(workers, CPUs per worker, placement strategy). Unset (0): on GPUs one worker per GPU; on CPUs
-    one worker per node holding that node's CPUs (with one worker, step for step the in-process
-    loop; BENCHMARKS.md, "The distributed path", has the faster settings measured on a 2-core
-    node). On several nodes the group is elastic, from one worker to one per node: a lost node
-    leaves the sequence going on the others from the latest checkpoint, and a node that joins is
-    taken up at Ray Train's next resize check."""
+    one worker of one CPU per CPU, as many as each node's memory holds, at most MAX_DEFAULT_WORKERS:
+    two torch threads are slower than one on this small adapter, so processes scale where threads
+    do not (BENCHMARKS.md, "The distributed path"). On several nodes the group is elastic, from one
+    worker to that many: a lost node leaves the sequence going on the others from the latest
+    checkpoint, and a node that joins is taken up at Ray Train's next resize check."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
     if cfg.train.use_gpu:
         gpus = int(sum(n.get("GPU", 0) for n in nodes))
         return cfg.train.num_workers or max(1, gpus), cfg.train.cpus_per_worker or 1, "PACK"
-    cpus = cfg.train.cpus_per_worker or min(n["CPU"] for n in nodes)
+    cpus = cfg.train.cpus_per_worker or 1
     if cfg.train.num_workers:
         return cfg.train.num_workers, cpus, "PACK"
-    return ((1, len(nodes)) if len(nodes) > 1 else 1), cpus, "SPREAD"
+    fits = sum(max(1, min(int(n["CPU"] // cpus), int(n.get("memory", WORKER_MEMORY) // WORKER_MEMORY)))
+               for n in nodes)
+    workers = min(fits, MAX_DEFAULT_WORKERS)
+    return ((1, workers) if len(nodes) > 1 else workers), cpus, "SPREAD" if len(nodes) > 1 else "PACK"
 
 
 def check_storage(cfg: RunConfig) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.encoders import DEFAULTS, create_encoder, encoder_identity, encoder_kind
+from models.encoders import ENCODERS, create_encoder, encoder_identity, encoder_kind
 
 
 def fsdd_recordings() -> Path:
@@ -64,8 +64,10 @@ def _local_timm_weights(tmp_path) -> str:
     return f"timm:tf_efficientnet_lite0:{path}"
 
 
-def _local_minilm_folder(tmp_path) -> str:
-    return f"hf:{create_encoder('minilm').source}"
+def _timm_folder(tmp_path) -> str:
+    from timm.models import save_for_hf
+    save_for_hf(create_encoder("efficientnet_lite0").model, str(tmp_path / "lite0"))
+    return f"timm-dir:{tmp_path / 'lite0'}"
 
 
 def _tiny_wav2vec2_folder(tmp_path) -> str:
@@ -77,6 +79,12 @@ def _tiny_wav2vec2_folder(tmp_path) -> str:
     Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v")
     Wav2Vec2FeatureExtractor().save_pretrained(tmp_path / "w2v")
     return f"hf-audio:{tmp_path / 'w2v'}"
+
+
+# A spec per registered family that builds offline (a new family adds its own here).
+EXAMPLES = {"efficientnet_lite0": "efficientnet_lite0", "timm": _local_timm_weights, "timm-dir": _timm_folder,
+            "minilm": "minilm", "hf": lambda tmp_path: f"hf:{create_encoder('minilm').source}",
+            "speech_embedding": "speech_embedding", "hf-audio": _tiny_wav2vec2_folder}
 
 
 def _inputs(kind):
@@ -94,14 +102,21 @@ def _inputs(kind):
     return [f.read_bytes() for f in wavs]
 
 
-@pytest.mark.parametrize("spec", [*DEFAULTS.values(), _local_timm_weights, _local_minilm_folder,
-                                  _tiny_wav2vec2_folder],
-                         ids=[*DEFAULTS.values(), "timm-local-file", "hf-local-folder", "hf-audio-local-folder"])
-def test_every_encoder_family_returns_fixed_size_tokens(spec, tmp_path):
-    spec = spec(tmp_path) if callable(spec) else spec
+@pytest.mark.parametrize("family", ENCODERS)
+def test_every_encoder_family_returns_fixed_size_tokens(family, tmp_path):
+    assert family in EXAMPLES, f"add an offline example spec for the encoder family '{family}' to EXAMPLES"
+    spec = EXAMPLES[family](tmp_path) if callable(EXAMPLES[family]) else EXAMPLES[family]
     encoder = create_encoder(spec, tokens=3)
     z = encoder.encode(_inputs(encoder_kind(spec)))
     assert z.shape == (2, 3, encoder.dim) and z.dtype == np.float32
     assert np.isfinite(z).all() and not np.allclose(z[0], z[1])
     assert encoder.identity["tokens"] == 3
     assert encoder_identity(spec, tokens=3) == encoder.identity  # what the cache key reads without building
+
+
+def test_a_timm_folder_encodes_as_the_model_it_was_saved_from(tmp_path):
+    packaged = create_encoder("efficientnet_lite0", tokens=4)
+    folder = create_encoder(_timm_folder(tmp_path), tokens=4)
+    photos = _inputs("image")
+    np.testing.assert_allclose(folder.encode(photos), packaged.encode(photos), rtol=1e-5, atol=1e-5)
+    assert folder.identity != packaged.identity and folder.identity["family"] == "timm-dir"

