@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.driver import _quiet, prepare_data
+from pipeline.driver import prepare_data
+from pipeline.runtime import quiet_logs
 from pipeline.evaluate import predict
 from pipeline.data import batch_to_arrays
-from pipeline.worker import load_model
+from pipeline.checkpoint import load_model
 
 
 def refit(model, rows: dict | None, modalities, class_index) -> None:
@@ -44,8 +45,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. cache.dir=runs/cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _quiet(False)
-    data = prepare_data(load_config(None, [f"benchmark={args.benchmark}", *args.set]))[0]
+    quiet_logs(False)
+    data = prepare_data(load_config(None, [f"benchmark={args.benchmark}", *args.set])).data
     columns = {c: data.column(c) for c in ["label", *data.modalities]}
     split = data.column("split")
     print("| sequence | head as trained | refit on Gaussian draws | refit on every train row (oracle) |\n|---|---|---|---|")

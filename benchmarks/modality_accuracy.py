@@ -13,7 +13,8 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import load_config
 from pipeline.data import batch_to_arrays
-from pipeline.driver import _quiet, prepare_data
+from pipeline.driver import prepare_data
+from pipeline.runtime import quiet_logs
 
 
 def pooled_features(description: str):
@@ -23,9 +24,9 @@ def pooled_features(description: str):
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(None, [f"benchmark={args.benchmark}", *args.overrides])
-    _quiet(False)
+    quiet_logs(False)
     started = time.time()
-    data = prepare_data(cfg)[0]
+    data = prepare_data(cfg).data
     print(f"features ready in {time.time() - started:.1f}s")
     feats, _, labels = batch_to_arrays({c: data.column(c) for c in ["label", *data.modalities]}, data.modalities)
     return cfg.benchmark, {m: x.mean(1) if x.ndim == 3 else x for m, x in feats.items()}, labels, data.column("split")

@@ -1,6 +1,21 @@
-"""The method's loss terms on plain tensors."""
+"""The method's loss terms on plain tensors, and their weights."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class LossWeights:
+    """The weight of each term (0 switches it off) and the temperatures; `loss.*` in the config."""
+    ce: float = 1.0
+    kd: float = 1.0
+    rel: float = 1.0
+    align: float = 0.1
+    bal: float = 0.01
+    ewc: float = 100.0  # the ewc family's penalty weight (no other family reads it)
+    kd_temperature: float = 2.0
+    align_temperature: float = 0.1
 
 
 def distillation(new_logits, old_logits, temperature: float = 2.0):

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.driver import _quiet, init_ray, prepare_data, run_sequence
+from pipeline.driver import prepare_data, run_sequence
+from pipeline.executors import EXECUTORS, one_cpu_each
+from pipeline.runtime import quiet_logs
 
 METRICS = ("avg_acc", "avg_inc_acc", "forgetting", "bwt", "seconds")
 
@@ -34,63 +36,49 @@ def sequence_configs(config_for, methods: list[str], seeds: int, data_path: str,
     return out
 
 
-def one_cpu_each(cfg: RunConfig) -> None:
-    """Many sequences side by side: unless set, each gets one Ray Train worker of one CPU."""
-    cfg.train.num_workers = cfg.train.num_workers or 1
-    cfg.train.cpus_per_worker = cfg.train.cpus_per_worker or 1
-
-
 def _run_one(cfg: RunConfig) -> dict:
-    import torch
-    torch.set_num_threads(1)
     return run_sequence(cfg, log=lambda *_: None, fresh=True)
 
 
 def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str | None = None) -> dict:
     """`merge`: an earlier bench JSON of the same benchmark, scenario, tasks and seeds, whose other
     methods' runs join the table as they were (so that a changed method reruns alone)."""
-    _quiet(False)
+    quiet_logs(False)
     if not methods:
         raise ConfigError("--methods: no methods given")
-    base = config_for(methods[0])
-    for m in methods[1:]:
-        config_for(m)  # an unknown method or a bad setting stops the bench before anything runs
-    raw_path = prepare_data(base, log)[1]  # checked, built and encoded once, before sequences run side by side
+    configs = {m: config_for(m) for m in methods}  # an unknown method or a bad setting stops the bench here
+    base = configs[methods[0]]
+    report_ignored(configs, log)
+    source = prepare_data(base, log).source  # checked, built and encoded once, before sequences run side by side
     carried = carried_runs(merge, base, methods, seeds) if merge else []
-    configs = sequence_configs(config_for, methods, seeds, str(Path(raw_path).resolve()), base.num_tasks)
+    configs = sequence_configs(config_for, methods, seeds, str(Path(source).resolve()), base.num_tasks)
     started = time.time()
-    if base.executor == "local":
-        import ray
-        init_ray(base, verbose=False)
-        remote = ray.remote(num_cpus=1)(_run_one)
-        pending = {remote.remote(cfg): cfg for cfg in configs}
-        results = []
-        while pending:
-            done, _ = ray.wait(list(pending))
-            cfg = pending.pop(done[0])
-            results.append(ray.get(done[0]))
-            log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f} "
-                f"({len(results)}/{len(configs)}, {time.time() - started:.0f}s)")
-    else:
-        import ray
-        from concurrent.futures import ThreadPoolExecutor, as_completed
+    results = []
 
-        init_ray(base, verbose=False)
-        per_sequence = configs[0].train.num_workers * configs[0].train.cpus_per_worker
-        side_by_side = max(1, int(ray.cluster_resources().get("CPU", 1) // per_sequence))
-        results = []
-        with ThreadPoolExecutor(side_by_side) as pool:  # each thread drives one Ray Train fit
-            futures = {pool.submit(run_sequence, cfg, log=lambda *_: None, fresh=True): cfg for cfg in configs}
-            for future in as_completed(futures):
-                cfg = futures[future]
-                results.append(future.result())
-                log(f"  {cfg.method} seed {cfg.seed}: average accuracy {results[-1]['avg_acc']:.4f} "
-                    f"({len(results)}/{len(configs)}, {time.time() - started:.0f}s)")
+    def done(cfg: RunConfig, result: dict) -> None:
+        results.append(result)
+        log(f"  {cfg.method} seed {cfg.seed}: average accuracy {result['avg_acc']:.4f} "
+            f"({len(results)}/{len(configs)}, {time.time() - started:.0f}s)")
+
+    EXECUTORS[base.executor].run_many(configs, _run_one, done)
     carried_methods = list(dict.fromkeys(r["method"] for r in carried))
     summary = summarize_bench(base, [*methods, *carried_methods], seeds, results + carried, time.time() - started)
     if carried:
         summary["carried_over"] = {"from": str(merge), "methods": carried_methods}
     return summary
+
+
+def report_ignored(configs: dict[str, RunConfig], log) -> None:
+    """A setting no method takes is an error; one that some methods do not take is said, once per method."""
+    ignored = {m: getattr(cfg, "ignored", []) for m, cfg in configs.items()}
+    for key in {i.split(":")[0] for found in ignored.values() for i in found}:
+        if all(any(i.startswith(key + ":") for i in found) for found in ignored.values()):
+            raise ConfigError(f"{key}: none of the methods {', '.join(configs)} takes it ("
+                              + "; ".join(next(i for i in found if i.startswith(key + ":")).split(": ", 1)[1]
+                                          for found in ignored.values()) + ")")
+    for method, found in ignored.items():
+        for line in found:
+            log(f"  {method}: left at its own value, {line}")
 
 
 def carried_runs(path: str, base: RunConfig, methods: list[str], seeds: int) -> list[dict]:
@@ -139,7 +127,8 @@ def summarize_bench(base: RunConfig, methods: list[str], seeds: int, results: li
 
 
 def paired_verdict(row: dict, reference: str) -> str:
-    """`win`/`loss` when the mean paired difference exceeds its spread over seeds, else `tie`."""
+    """`better`/`worse` when the mean paired difference exceeds its spread over seeds, else `tie`;
+    `reference` for the reference itself, `(one seed)` when there is no spread."""
     key = f"avg_acc_diff_vs_{reference}"
     if f"{key}_mean" not in row:
         return "reference"

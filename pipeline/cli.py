@@ -61,8 +61,8 @@ def _bench(args) -> int:
             overrides.append(f"{key}={getattr(args, flag)}")
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        summary = run_bench(lambda method: load_config(args.config, [*overrides, f"method={method}"]), methods,
-                            args.seeds, merge=args.merge)
+        summary = run_bench(lambda method: load_config(args.config, [*overrides, f"method={method}"], lenient=True),
+                            methods, args.seeds, merge=args.merge)
     except _user_errors() as e:
         return _fail(e, args.verbose)
     out, md = write_bench(summary, args.out)
@@ -110,8 +110,7 @@ def _build(args) -> int:
 
     out = Path(args.out or Path("runs") / "data" / f"{args.name}.parquet")
     try:
-        kwargs = {"fsdd": args.fsdd} if args.name == "av-digits" and args.fsdd else {}
-        BENCHMARKS[args.name](out, **kwargs)
+        BENCHMARKS[args.name](out, args.source)
     except DataError as e:
         print(f"mmcl: {e}", file=sys.stderr)
         return 2
@@ -144,12 +143,12 @@ def _cache_build(args) -> int:
     from pipeline.benchmarks import benchmark_path
     from pipeline.cache import build_features
     from pipeline.data import DataError, load_data
-    from pipeline.driver import _quiet, init_ray
+    from pipeline.runtime import init_ray, quiet_logs
     from pipeline.tracking import data_fingerprint
 
     try:
         cfg = _cache_config(args)
-        _quiet(args.verbose)
+        quiet_logs(args.verbose)
         path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
         data = load_data(path)
         if not data.needs_encoding:
@@ -196,19 +195,17 @@ def _cache_clear(args) -> int:
 
 
 def _predict(args) -> int:
-    import mlflow
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.data import DataError, read_parquet
+    from pipeline.tracking import TRACKING_ERRORS, predict
 
     try:
         uri = _existing_store(args.tracking_uri)
-        mlflow.set_tracking_uri(uri)
         table = read_parquet(args.input)
-        model = mlflow.pyfunc.load_model(args.model_uri)
-        out = model.predict(table.to_pandas())
-    except mlflow.exceptions.MlflowException as e:
+        out = predict(uri, args.model_uri, table.to_pandas())
+    except TRACKING_ERRORS as e:
         return _fail(f"{str(e).splitlines()[0]} (store {uri})")
     except (DataError, ValueError) as e:
         return _fail(e)
@@ -223,13 +220,13 @@ def _predict(args) -> int:
 
 
 def _lineage(args) -> int:
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import model_versions
 
     try:
         uri = _existing_store(args.tracking_uri)
     except ConfigError as e:
         return _fail(e)
-    versions = sorted(MlflowClient(uri).search_model_versions(f"name = '{args.name}'"), key=lambda v: int(v.version))
+    versions = model_versions(uri, args.name)
     if not versions:
         return _fail(f"no registered model '{args.name}' in {uri}")
     for v in versions:
@@ -270,6 +267,8 @@ def _ui(args) -> int:
     # Ctrl-C and SIGTERM stop the server too, even where a shell started us with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    from pipeline.tracking import experiment_links
+
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     for name, link in experiment_links(uri, f"http://127.0.0.1:{args.port}"):
@@ -279,15 +278,6 @@ def _ui(args) -> int:
     except KeyboardInterrupt:
         stop_process_group(proc)
         return 0
-
-
-def experiment_links(uri: str, address: str) -> list[tuple[str, str]]:
-    """Each experiment's runs (the sequences and their task runs) in the UI's model-training view
-    (the UI opens in its GenAI view otherwise)."""
-    from mlflow.tracking import MlflowClient
-
-    found = [e for e in MlflowClient(uri).search_experiments() if e.name != "Default"]
-    return [(e.name, f"{address}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning") for e in found]
 
 
 def stop_process_group(proc, grace_s: float = 10) -> None:
@@ -306,6 +296,10 @@ def stop_process_group(proc, grace_s: float = 10) -> None:
 
 
 def main(argv=None) -> int:
+    from pipeline.benchmarks import BENCHMARKS
+    from pipeline.config import CHOICES
+    from pipeline.converters import CONVERTERS
+
     parser = argparse.ArgumentParser(prog="mmcl", description="Multi-modal continual learning on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) a continual-learning sequence")
@@ -313,7 +307,7 @@ def main(argv=None) -> int:
     run.add_argument("--out", help="write the result JSON here")
     run.add_argument("--benchmark", help="packaged benchmark (default mfeat)")
     run.add_argument("--data", help="Parquet file or folder in the project's schema")
-    run.add_argument("--scenario", choices=["class-il", "domain-il"])
+    run.add_argument("--scenario", choices=CHOICES["scenario"])
     run.add_argument("--tasks", type=int, help="number of tasks")
     run.add_argument("--method")
     run.add_argument("--seed", type=int)
@@ -330,9 +324,9 @@ def main(argv=None) -> int:
     bench.add_argument("--config")
     bench.add_argument("--benchmark")
     bench.add_argument("--data")
-    bench.add_argument("--scenario", choices=["class-il", "domain-il"])
+    bench.add_argument("--scenario", choices=CHOICES["scenario"])
     bench.add_argument("--tasks", type=int)
-    bench.add_argument("--executor", choices=["local", "ray"],
+    bench.add_argument("--executor", choices=CHOICES["executor"],
                        help="ray (default): each sequence on Ray Train + DeepSpeed, side by side as CPUs allow; "
                             "local: in-process, a debugging aid")
     bench.add_argument("--merge", help="an earlier bench JSON (same benchmark, scenario, tasks, seeds): its other "
@@ -354,12 +348,13 @@ def main(argv=None) -> int:
     validate.add_argument("path")
     validate.set_defaults(func=_validate)
     build = data.add_parser("build", help="build a packaged benchmark into the schema")
-    build.add_argument("name", choices=["mfeat", "mfeat-domains", "av-digits"])
+    build.add_argument("name", choices=BENCHMARKS)
     build.add_argument("--out", help="Parquet file to write (default runs/data/NAME.parquet)")
-    build.add_argument("--fsdd", help="Free Spoken Digit Dataset folder (av-digits; default $MMCL_FSDD_DIR or data/fsdd)")
+    build.add_argument("--source", "--fsdd", help="the downloaded data set's folder, where a benchmark needs one "
+                                                  "(av-digits: FSDD; default $MMCL_FSDD_DIR or data/fsdd)")
     build.set_defaults(func=_build)
     convert = data.add_parser("convert", help="convert a downloaded data set from its published layout")
-    convert.add_argument("name", choices=["ave", "uestc-mmea-cl", "samsemo"])
+    convert.add_argument("name", choices=CONVERTERS)
     convert.add_argument("source", help="the data set's folder, as downloaded")
     convert.add_argument("--out", required=True, help="Parquet file to write")
     convert.set_defaults(func=_convert)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from models.methods.cmoe import LossWeights
+from models.losses import LossWeights
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # default: sqlite store under <output_dir>/mlruns
+    uri: str | None = None  # default: the SQLite store <output_dir>/mlflow.db, artifacts in <output_dir>/mlartifacts
     experiment: str | None = None  # default: the benchmark name
     parent_run_id: str | None = None  # nest the sequence's run under this one (a sweep's)
     enabled: bool = True  # False: no MLflow at all (benchmarks running many short sequences)
@@ -70,7 +70,7 @@ class RunConfig:
     method: str = "cmoe"
     seed: int = 0
     ray_address: str | None = None
-    executor: str = "ray"  # ray: Ray Train + DeepSpeed per task; local: the same loop in this process
+    executor: str = "ray"  # ray: one Ray Train + DeepSpeed fit per sequence; local: the same loop in this process
     output_dir: str = "runs"  # run state, data builds and, by default, the MLflow store
     storage_path: str | None = None  # Ray Train checkpoints; on a cluster a shared path or s3:// URI
     encoders: dict = field(default_factory=dict)  # modality column -> encoder spec (models/encoders)
@@ -98,9 +98,10 @@ class RunConfig:
         return out
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not where they are written or tracked)."""
+        """Hash of everything that changes results or how they are made (not where they are written
+        or tracked): the run folder's name, so runs of the two executors never resume each other."""
         d = self.to_dict()
-        for k in ("ray_address", "output_dir", "storage_path", "tracking", "cache", "executor"):
+        for k in ("ray_address", "output_dir", "storage_path", "tracking", "cache"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -152,7 +153,10 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
-def config_from_dict(values: dict, overrides: list[str] = (), where: str = "config") -> RunConfig:
+def config_from_dict(values: dict, overrides: list[str] = (), where: str = "config",
+                     lenient: bool = False) -> RunConfig:
+    """The config from `values` (a YAML file's), `overrides` (`key=value`) last. A model.* or loss.*
+    value the chosen method does not take is an error (see `_apply_method`)."""
     values = copy.deepcopy(values)
     for text in overrides:
         keys, value = _parse_override(text)
@@ -162,26 +166,58 @@ def config_from_dict(values: dict, overrides: list[str] = (), where: str = "conf
         node[keys[-1]] = value
     cfg = _build(RunConfig, values, where)
     _check(cfg)
-    _apply_method(cfg)
+    defaults = RunConfig().flat()
+    given = {k: v for k, v in cfg.flat().items()
+             if k.split(".")[0] in ("model", "loss") and k.split(".")[1] in (values.get(k.split(".")[0]) or {})
+             and v != defaults[k]}
+    cfg.ignored = _apply_method(cfg, given, where, lenient)
     return cfg
 
 
-def _apply_method(cfg: RunConfig) -> None:
-    """A method fixes some loss weights and model settings (finetune: no distillation, ...)."""
-    from models.methods import get_method
+def method_conflicts(method_name: str, given: dict) -> dict[str, str]:
+    """key -> why the method will not take the user's value: its family does not read the key, or
+    the method fixes it (what defines it: finetune has no distillation, ...)."""
+    from models.methods import get_method, settings_read
     try:
-        method = get_method(cfg.method)
+        method = get_method(method_name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    reads = settings_read(method.family)
+    forced = {**{f"loss.{k}": v for k, v in method.loss.items()}, **{f"model.{k}": v for k, v in method.model.items()}}
+    out = {}
+    for key, value in given.items():
+        if key not in reads:
+            out[key] = (f"method {method_name} (the {method.family} family) does not read it; it reads "
+                        f"{', '.join(sorted(reads)) or 'no model.* or loss.* key'}")
+        elif key in forced and forced[key] != value:
+            out[key] = f"method {method_name} fixes it at {forced[key]!r}: that is what the method is"
+    return out
+
+
+def _apply_method(cfg: RunConfig, given: dict, where: str, lenient: bool) -> list[str]:
+    """The method's fixed settings applied. A value the user set (other than the default) that the
+    method would drop is an error, or with `lenient` (a bench over several methods) left out and
+    returned as 'key: why'."""
+    from models.methods import get_method
+    conflicts = method_conflicts(cfg.method, given)
+    if conflicts and not lenient:
+        key, why = next(iter(conflicts.items()))
+        raise ConfigError(f"{where}: {key}={given[key]!r}: {why}")
+    method = get_method(cfg.method)
+    defaults = RunConfig()
+    for key in conflicts:  # (lenient) back to the default, then the method's own value below
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, getattr(getattr(defaults, section), name))
     for section, forced in (("loss", method.loss), ("model", method.model)):
         for key, value in forced.items():
             setattr(getattr(cfg, section), key, value)
+    return [f"{key}: {why}" for key, why in conflicts.items()]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), lenient: bool = False) -> RunConfig:
     values = read_yaml(path) if path else {}
     values.pop("sweep", None)  # a sweep's file runs as a plain config too
-    return config_from_dict(values, overrides, str(path) if path else "config")
+    return config_from_dict(values, overrides, str(path) if path else "config", lenient)
 
 
 # key: (lowest, highest, lowest allowed itself); None: no bound.

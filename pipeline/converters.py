@@ -6,16 +6,14 @@ lists the layout each converter expects.
 """
 import csv
 import io
-import json
 import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.data import LABELS_METADATA, DataError
+from pipeline.data import DataError, save_table
 
 SENSOR_STEPS = 32  # each inertial channel resampled to this many steps
 
@@ -73,11 +71,7 @@ def write_table(rows: list[dict], names: list[str], out: str | Path) -> Path:
     types = {k: pa.binary() for k in ("image", "audio")}
     arrays = {k: pa.array(v, type=types.get(k, pa.list_(pa.float32()) if k == "sensor" else None))
               for k, v in columns.items()}
-    table = pa.table(arrays).replace_schema_metadata({LABELS_METADATA: json.dumps(names).encode()})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
-    return out
+    return save_table(pa.table(arrays), out, names)
 
 
 def _require(path: Path, what: str) -> Path:

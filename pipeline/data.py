@@ -8,6 +8,7 @@ null in a row, but not all of them.
 """
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,22 @@ class Problem:
             where += f", row{'s' if len(self.rows) > 1 else ''} {shown}{more}"
         return f"{self.level}: {where}: {self.message}"
 
+
+
+def save_table(table: pa.Table, out: str | Path, names: list[str] | None = None) -> Path:
+    """A table in the schema to Parquet, written atomically (concurrent writers each write their
+    own file, then one wins), its label names declared in the metadata: `names`, else from the
+    rows' `label_name`."""
+    if names is None:
+        pairs = dict(zip(table["label"].to_pylist(), table["label_name"].to_pylist()))
+        names = [str(pairs.get(i, i)) for i in range(max(pairs) + 1)]
+    table = table.replace_schema_metadata({LABELS_METADATA: json.dumps(names).encode()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    return out
 
 def _is_numeric_list(dtype: pa.DataType) -> bool:
     return (pa.types.is_list(dtype) or pa.types.is_fixed_size_list(dtype) or pa.types.is_large_list(dtype)) and (

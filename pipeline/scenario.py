@@ -22,14 +22,12 @@ class Scenario:
             return len(self.class_order)
         return sum(len(t.classes) for t in self.tasks[: task_index + 1])
 
-    def task_mask(self, task: Task, labels: np.ndarray, domains: np.ndarray) -> np.ndarray:
+    def rows_of(self, task: Task, so_far: bool = False) -> tuple[str, list]:
+        """(column, values) selecting a task's rows; `so_far`: every task's up to this one."""
+        tasks = self.tasks[:task.index + 1] if so_far else [task]
         if self.kind == "domain-il":
-            return np.isin(domains, task.domains)
-        return np.isin(labels, task.classes)
-
-    def targets(self, labels: np.ndarray) -> np.ndarray:
-        lookup = {c: i for i, c in enumerate(self.class_order)}
-        return np.array([lookup[v] for v in labels], dtype=np.int64)
+            return "domain", [d for t in tasks for d in t.domains]
+        return "label", [c for t in tasks for c in t.classes]
 
 
 DEFAULT_CLASS_IL_TASKS = 5

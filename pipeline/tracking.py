@@ -15,6 +15,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_MODEL_VERSI
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.lock import file_lock
+from pipeline.state import TaskRecord
 
 TASK_TAG = "mmcl.task_index"
 MODEL_REQUIREMENTS = ["torch", "numpy", "pandas", "pyarrow"]
@@ -71,7 +72,7 @@ class TaskModel(mlflow.pyfunc.PythonModel):
     Raw images, audio or text are encoded with the encoders the model was trained on."""
 
     def load_context(self, context):
-        from pipeline.worker import load_model
+        from pipeline.checkpoint import load_model
 
         self.model, self.spec = load_model(context.artifacts["checkpoint"])
         self.encoders = {}
@@ -234,12 +235,12 @@ class Tracker:
             self.client.log_inputs(run, datasets=[dataset_input(**data)])
         return run_id
 
-    def log_task(self, parent_id: str, task: dict, num_tasks: int, checkpoint_dir: str, lineage: dict) -> dict:
+    def log_task(self, parent_id: str, task: TaskRecord, num_tasks: int, checkpoint_dir: str, lineage: dict) -> dict:
         """The task's run FINISHED with its history and row of the matrix, the sequence run's stepped
         metrics, and a registered model version of its checkpoint; all looked up first, so that a
         resumed sequence logs nothing twice. Returns {"run_id", "model_version"}."""
-        existing = self.task_run(parent_id, task["index"])
-        i = task["index"]
+        existing = self.task_run(parent_id, task.index)
+        i = task.index
         if existing is not None and existing.info.status == "FINISHED":
             run_id = existing.info.run_id
         else:
@@ -247,15 +248,15 @@ class Tracker:
                 self.experiment_id, run_name=f"task-{i} of {num_tasks}",
                 tags={MLFLOW_PARENT_RUN_ID: parent_id, TASK_TAG: str(i)}).info.run_id
             metrics = [Metric(f"train/{'elapsed_s' if k == 'seconds' else k}", _round(v), 0, int(h["epoch"]))
-                       for h in task["history"] for k, v in h.items() if k != "epoch"]
-            after = [Metric(f"acc/task_{j}", _round(a), 0, i) for j, a in enumerate(task["row"]) if a is not None]
-            after += _summary_metrics(task["summary"], "seq", i)
-            after += _summary_metrics(task.get("val_summary", {}), "val", i)
+                       for h in task.history for k, v in h.items() if k != "epoch"]
+            after = [Metric(f"acc/task_{j}", _round(a), 0, i) for j, a in enumerate(task.row) if a is not None]
+            after += _summary_metrics(task.summary, "seq", i)
+            after += _summary_metrics(task.val_summary or {}, "val", i)
             self.client.log_batch(parent_id, metrics=after)  # the sequence's curves, step = task index
             metrics += after
             for lo in range(0, len(metrics), 500):
                 self.client.log_batch(run_id, metrics=metrics[lo:lo + 500],
-                                      tags=[RunTag("mmcl.task_classes", ",".join(map(str, task["classes"])))])
+                                      tags=[RunTag("mmcl.task_classes", ",".join(map(str, task.classes)))])
         version = self.register_task_model(run_id, i, checkpoint_dir, lineage)
         self.client.set_terminated(run_id, "FINISHED")
         return {"run_id": run_id, "model_version": version}
@@ -299,6 +300,32 @@ class Tracker:
     def fail_sequence(self, parent_id: str) -> None:
         self.client.set_terminated(parent_id, "FAILED")
 
+    def start_sweep(self, run_name: str, settings: dict) -> str:
+        """The sweep's run, its settings as `sweep.*` params; trials nest under it."""
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags={"mmcl.sweep": "true"}).info.run_id
+        self.client.log_batch(run_id, params=[Param(f"sweep.{k}", str(v)) for k, v in settings.items()])
+        return run_id
+
+    def record_invalid_trial(self, sweep_id: str, params: dict, error: Exception) -> None:
+        """A trial whose config is rejected still leaves a FAILED run under the sweep."""
+        run_id = self.client.create_run(self.experiment_id, run_name="invalid trial", tags={
+            MLFLOW_PARENT_RUN_ID: sweep_id, "mmcl.error": str(error)[:5000]}).info.run_id
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def end_stopped_trials(self, sweep_id: str) -> None:
+        """A trial that the scheduler stopped was ended mid-sequence: its run says so instead of RUNNING."""
+        for run in self.client.search_runs([self.experiment_id], filter_string=(
+                f"tags.{MLFLOW_PARENT_RUN_ID} = '{sweep_id}' and attributes.status = 'RUNNING'")):
+            self.client.set_tag(run.info.run_id, "mmcl.stopped_early", "true")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def finish_sweep(self, sweep_id: str, summary: dict, best_config: str) -> None:
+        self.client.log_batch(sweep_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()
+                                                 if isinstance(v, (int, float))])
+        self.client.log_artifact(sweep_id, best_config)
+        self.client.set_terminated(sweep_id, "FINISHED")
+
 
 def dataset_input(name: str, path: str, fingerprint: str, features: str | None) -> DatasetInput:
     """The data a task trained on, as MLflow's dataset input: its file, its sha256 fingerprint as the
@@ -326,9 +353,9 @@ def description(result: dict, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
-def task_labels(tasks: list[dict]) -> list[str]:
+def task_labels(tasks: list[TaskRecord]) -> list[str]:
     """'T0: 3, 7' (class-IL) or 'T0: photo' (domain-IL): the task index, as in the console's matrix."""
-    return [f"T{i}: " + ", ".join(map(str, t.get("domains") or t.get("classes") or [])) for i, t in enumerate(tasks)]
+    return [f"T{i}: " + ", ".join(map(str, t.domains or t.classes or [])) for i, t in enumerate(tasks)]
 
 
 def plots(result: dict, labels: list[str]) -> dict:
@@ -389,3 +416,21 @@ class NoTracker:
 
     def fail_sequence(self, parent_id) -> None:
         pass
+
+
+def predict(uri: str, model_uri: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """A registered (or logged) model's predictions, the model read from the store at `uri`."""
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pyfunc.load_model(model_uri).predict(frame)
+
+
+def model_versions(uri: str, name: str) -> list:
+    """A registered model's versions, oldest first."""
+    return sorted(MlflowClient(uri).search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def experiment_links(uri: str, address: str) -> list[tuple[str, str]]:
+    """Each experiment's runs (the sequences and their task runs) in the UI's model-training view
+    (the UI opens in its GenAI view otherwise)."""
+    found = [e for e in MlflowClient(uri).search_experiments() if e.name != "Default"]
+    return [(e.name, f"{address}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning") for e in found]

@@ -21,30 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models.methods import ContinualModel, LossWeights, create_model
+from models.losses import LossWeights
+from models.methods import ContinualModel
+from pipeline.checkpoint import build_model, load_model, save_model
 from pipeline.data import batch_to_arrays
 
-MODEL_FILE = "model.pt"
 GRADIENT_CLIP = 1.0  # max gradient norm, both executors
 EVAL_BATCH = 512
 DEEPSPEED_TAG = "epoch"  # the engine's folder inside an epoch checkpoint
-
-
-def build_model(spec: dict) -> ContinualModel:
-    return create_model(spec["family"], spec["modalities"], spec["num_classes"], spec["model"])
-
-
-def save_model(model: ContinualModel, spec: dict, folder: str | Path) -> None:
-    shapes = model.shape_args()
-    spec = {**spec, "num_classes": shapes.pop("num_classes"), "model": {**spec["model"], **shapes}}
-    torch.save({"spec": spec, "state_dict": model.state_dict()}, Path(folder) / MODEL_FILE)
-
-
-def load_model(folder: str | Path) -> tuple[ContinualModel, dict]:
-    saved = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=False)
-    model = build_model(saved["spec"])
-    model.load_state_dict(saved["state_dict"])
-    return model, saved["spec"]
 
 
 class Rows:

@@ -20,7 +20,7 @@ def ray_local():
     import ray
 
     from pipeline.config import load_config
-    from pipeline.driver import init_ray
+    from pipeline.runtime import init_ray
 
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     os.environ["RAY_TMPDIR"] = tmp

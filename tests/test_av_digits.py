@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from models.encoders import create_encoder
-from pipeline.benchmarks import build_av_digits
+from pipeline.benchmarks.av_digits import build_av_digits
 from pipeline.cache import list_entries
 from pipeline.cli import main
 from pipeline.data import read_manifest

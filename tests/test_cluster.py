@@ -125,6 +125,7 @@ def test_two_nodes_shared_storage_mlflow_over_http_and_a_lost_node(two_nodes, ml
     shared = tmp_path / "shared"  # the storage both nodes see (an NFS mount or s3:// on a real cluster)
     args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address, "--data", str(synthetic_text),
             "--tasks", "3", "train.epochs=4", "model.projection=256", f"storage_path={shared}",
+            "train.cpus_per_worker=2",  # one worker per node: tasks long enough to lose a node in
             f"tracking.uri={mlflow_server}", f"output_dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, raylet = [], None
@@ -139,7 +140,7 @@ def test_two_nodes_shared_storage_mlflow_over_http_and_a_lost_node(two_nodes, ml
     assert raylet is not None and not raylet.is_running()
     assert len(set(placed.values())) == 2, placed  # one worker on each node
     after = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in placed}
-    assert after and set(after.values()) < set(placed.values())  # restarted on the node that is left
+    assert after and set(after.values()) < set(placed.values()), "\n".join(lines[-40:])  # restarted on the node left
     assert sum("Task 2/3" in line for line in lines) == 1
     assert "Features: encoding" in "\n".join(lines)  # the text column went through the encoders
 

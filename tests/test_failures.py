@@ -159,7 +159,7 @@ def test_a_tracking_server_lost_mid_sequence_loses_nothing(synthetic, tmp_path, 
     try:
         cfg = load_config(None, [f"data={synthetic}", "executor=local", "num_tasks=3", "train.epochs=2",
                                  f"tracking.uri={url}", f"output_dir={tmp_path / 'out'}"])
-        result = run_sequence(cfg, log=lines.append, on_task_end=lambda task: task["index"] == 0 and stop_server(proc))
+        result = run_sequence(cfg, log=lines.append, on_task_end=lambda task: task.index == 0 and stop_server(proc))
     finally:
         stop_server(proc)
     assert len(result["acc_matrix"]) == 3

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from models.methods import METHODS
+from models.methods import METHODS, settings_read
 from pipeline.bench import sequence_configs
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -13,8 +13,9 @@ from pipeline.driver import run_sequence
 
 
 def run(path, out, method, *overrides):
+    small = ["model.projection=256"] if "model.projection" in settings_read(METHODS[method].family) else []
     cfg = load_config(None, [f"data={path}", f"method={method}", "num_tasks=3", "train.epochs=2", "executor=local",
-                             "tracking.enabled=false", f"output_dir={out}", "model.projection=256", *overrides])
+                             "tracking.enabled=false", f"output_dir={out}", *small, *overrides])
     return run_sequence(cfg, log=lambda *_: None)
 
 
@@ -61,8 +62,7 @@ def test_bench_writes_json_and_markdown_with_paired_differences(synthetic, tmp_p
     # A changed method reruns alone; the others' runs join its table as they were.
     merged = tmp_path / "merged.json"
     assert main(["bench", "--data", str(synthetic), "--tasks", "3", "--methods", "simplecil", "--seeds", "2",
-                 "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}", "train.epochs=2",
-                 "model.projection=256"]) == 0
+                 "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}"]) == 0
     again = json.loads(merged.read_text())
     assert [r["method"] for r in again["rows"]] == ["simplecil", "ranpac", "finetune"]
     assert {(r["method"], r["seed"]): r["avg_acc"] for r in again["runs"]} == runs  # simplecil is deterministic

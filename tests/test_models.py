@@ -8,7 +8,8 @@ import torch
 from models import losses
 from models.adapter import MMEncoder, MoEAdapter
 from models.methods import create_model
-from models.methods.cmoe import CMoE, LossWeights
+from models.losses import LossWeights
+from models.methods.cmoe import CMoE
 from models.heads import CosineClassifier
 
 DIMS = {"a": 5, "b": 3}

@@ -23,12 +23,71 @@ def test_config_file_then_overrides_with_types(tmp_path):
     assert cfg.fingerprint() != load_config(path).fingerprint()
     assert cfg.fingerprint() == load_config(path, ["train.lr=1e-3", "model.num_experts=8", "loss.align=0",
                                                    "output_dir=elsewhere"]).fingerprint()
+    assert cfg.fingerprint() != load_config(path, ["train.lr=1e-3", "model.num_experts=8", "loss.align=0",
+                                                   "executor=local"]).fingerprint()
 
 
 def test_a_method_forces_what_defines_it_and_leaves_its_strengths_settable():
-    cfg = load_config(None, ["method=ewc", "loss.align=0.5", "loss.ewc=10", "model.memory=50"])
+    cfg = load_config(None, ["method=ewc", "loss.ewc=10", "loss.align=0"])
     assert cfg.loss.align == 0.0 and cfg.model.head == "cosine"  # ewc is cross-entropy on the cosine head
-    assert cfg.loss.ewc == 10.0 and cfg.model.memory == 50  # a sweep may choose these
+    assert cfg.loss.ewc == 10.0  # a sweep may choose it
+    assert load_config(None, ["method=replay", "model.memory=50"]).model.memory == 50
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=ewc", "loss.align=0.5"], r"loss.align=0.5: method ewc fixes it at 0.0"),
+    (["method=ranpac", "model.num_experts=8"],
+     r"model.num_experts=8: method ranpac \(the ridge family\) does not read it; it reads model.projection$"),
+    (["loss.ewc=10"], r"loss.ewc=10.0: method cmoe \(the cmoe family\) does not read it; it reads loss.align, "),
+    (["method=simplecil", "loss.kd=2"], "it reads no model.\\* or loss.\\* key"),
+])
+def test_a_setting_the_method_would_drop_is_an_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_config_files_setting_the_method_does_not_read_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: cmoe\nmodel:\n  memory: 50\n")
+    with pytest.raises(ConfigError, match=rf"{path}: model.memory=50: method cmoe .* does not read it"):
+        load_config(path)
+
+
+def test_a_bench_leaves_a_setting_out_of_the_methods_that_do_not_take_it_and_says_so():
+    from pipeline.bench import report_ignored
+    config_for = lambda m, *o: load_config(None, [*o, f"method={m}"], lenient=True)  # noqa: E731
+    configs = {m: config_for(m, "loss.align=0") for m in ("cmoe", "finetune", "ranpac")}
+    assert configs["cmoe"].loss.align == 0.0 and configs["ranpac"].ignored[0].startswith("loss.align: method ranpac")
+    lines = []
+    report_ignored(configs, lines.append)
+    assert lines == [f"  ranpac: left at its own value, {configs['ranpac'].ignored[0]}"]
+    with pytest.raises(ConfigError, match="model.memory: none of the methods cmoe, ranpac takes it"):
+        report_ignored({m: config_for(m, "model.memory=5") for m in ("cmoe", "ranpac")}, lines.append)
+
+
+def test_a_sweep_over_a_setting_the_method_does_not_take_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("method: finetune\nsweep:\n  space:\n    loss.kd: {grid: [0.5, 1.0]}\n")
+    with pytest.raises(ConfigError, match=r"sweep.space.loss.kd: method finetune fixes it at 0.0: .*; a sweep over it"):
+        load_sweep(str(path))
+    path.write_text("sweep:\n  space:\n    method: {grid: [cmoe, ranpac]}\n    model.num_experts: {grid: [2, 4]}\n")
+    with pytest.raises(ConfigError, match=r"sweep.space.model.num_experts: method ranpac \(the ridge family\)"):
+        load_sweep(str(path))
+
+
+def test_bench_keeps_the_config_files_executor_unless_one_is_typed(tmp_path, monkeypatch):
+    import pipeline.bench
+    from pipeline.cli import main
+    seen = []
+    monkeypatch.setattr(pipeline.bench, "run_bench", lambda config_for, methods, *a, **k: seen.append(
+        config_for(methods[0]).executor) or {"seconds": 0})
+    monkeypatch.setattr(pipeline.bench, "write_bench", lambda *a: ("x", "y"))
+    monkeypatch.setattr(pipeline.bench, "markdown", lambda *a: "")
+    path = tmp_path / "c.yaml"
+    path.write_text("executor: local\n")
+    main(["bench", "--config", str(path), "--methods", "cmoe", "--out", str(tmp_path / "b.json")])
+    main(["bench", "--config", str(path), "--methods", "cmoe", "--out", str(tmp_path / "b.json"), "--executor", "ray"])
+    assert seen == ["local", "ray"]
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "tune" / "configs").glob("*.yaml")),
@@ -70,7 +129,8 @@ def test_domain_il_tasks_follow_the_domain_column():
     sc = make_scenario("domain-il", labels, domains, 2, seed=0)
     assert sorted(d for t in sc.tasks for d in t.domains) == ["w", "x", "y", "z"]
     assert sc.head_size_after(0) == 3
-    assert sc.task_mask(sc.tasks[0], labels, domains).sum() == 6
+    column, values = sc.rows_of(sc.tasks[1], so_far=True)
+    assert column == "domain" and sorted(values) == ["w", "x", "y", "z"]
     with pytest.raises(ValueError, match="only 4 domains"):
         make_scenario("domain-il", labels, domains, 5, seed=0)
 

@@ -5,11 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from mlflow.entities import Metric, Param
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune import Callback
 
-from pipeline.config import ConfigError, RunConfig, config_from_dict, read_yaml
+from pipeline.config import ConfigError, RunConfig, config_from_dict, method_conflicts, read_yaml
 from pipeline.tracking import Tracker, tracking_uri
 
 METRIC = "val_avg_inc_acc"
@@ -50,6 +48,16 @@ def load_sweep(path: str | None, overrides: list[str] = (), **options) -> tuple[
     unknown = [key for key in sweep.space if key not in cfg.flat()]
     if unknown:
         raise ConfigError(f"sweep.space: unknown config keys {unknown}")
+    grid = sweep.space.get("method")
+    methods = next(iter(grid.values())) if isinstance(grid, dict) and grid else [cfg.method]
+    defaults = RunConfig().flat()
+    fixed = {k: v for k, v in cfg.flat().items() if k[:5] in ("model", "loss.") and v != defaults[k]}
+    swept = {k: object() for k in sweep.space if k[:5] in ("model", "loss.")}
+    for method in methods if isinstance(methods, list) else [cfg.method]:
+        for key, why in method_conflicts(method, {**fixed, **swept}).items():
+            if key in swept:
+                raise ConfigError(f"{path or 'sweep'}: sweep.space.{key}: {why}; a sweep over it changes nothing")
+            raise ConfigError(f"{path or 'sweep'}: {key}: {why} (a trial of method {method})")
     return cfg, sweep
 
 
@@ -75,31 +83,22 @@ def run_trial(params: dict, base: dict):
 
     if base["executor"] == "local":
         import torch
-        torch.set_num_threads(1)  # the trial holds one CPU
+        torch.set_num_threads(1)  # the trial trains in its own process, on its one CPU
     overrides = [f"{k}={v}" for k, v in params.items()]
     try:
         cfg = config_from_dict(base, overrides, "trial")
     except ConfigError as e:
-        _record_invalid_trial(base, params, e)
+        cfg = config_from_dict(base)
+        Tracker(cfg).record_invalid_trial(cfg.tracking.parent_run_id, params, e)
         raise
 
-    def report(task: dict):
-        val, test = task.get("val_summary", {}), task["summary"]
-        tune.report({"task": task["index"] + 1, METRIC: val.get("avg_inc_acc", math.nan),
+    def report(task):
+        val, test = task.val_summary or {}, task.summary
+        tune.report({"task": task.index + 1, METRIC: val.get("avg_inc_acc", math.nan),
                      "val_avg_acc": val.get("avg_acc", math.nan), "test_avg_acc": test["avg_acc"],
                      "test_avg_inc_acc": test["avg_inc_acc"], "test_forgetting": test["forgetting"]})
 
     run_sequence(cfg, log=lambda *_: None, on_task_end=report, fresh=True)  # a trial reports every task
-
-
-def _record_invalid_trial(base: dict, params: dict, error: Exception) -> None:
-    """A trial whose config is rejected still leaves a FAILED run under the sweep."""
-    cfg = config_from_dict(base)
-    tracker = Tracker(cfg)
-    run = tracker.client.create_run(tracker.experiment_id, run_name="invalid trial", tags={
-        MLFLOW_PARENT_RUN_ID: cfg.tracking.parent_run_id, "mmcl.error": str(error)[:5000]})
-    tracker.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    tracker.client.set_terminated(run.info.run_id, "FAILED")
 
 
 def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool = False, log=print) -> dict:
@@ -107,32 +106,25 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline.bench import one_cpu_each
-    from pipeline.driver import _quiet, check_storage, init_ray, prepare_data
+    from pipeline.driver import prepare_data
+    from pipeline.executors import EXECUTORS, one_cpu_each
+    from pipeline.runtime import quiet_logs
 
-    _quiet(verbose)
+    quiet_logs(verbose)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # trials run in other processes
     cfg.tracking.uri = tracking_uri(cfg)
     prepare_data(cfg, log, verbose)  # built and encoded once, not by every trial
     if cfg.train.val_fraction == 0:
         cfg.train.val_fraction = sweep.val_fraction
     tracker = Tracker(cfg)
-    sweep_run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{cfg.method}",
-                                          tags={"mmcl.sweep": "true"})
-    sweep_id = sweep_run.info.run_id
-    tracker.client.log_batch(sweep_id, params=[Param(f"sweep.{k}", str(v)) for k, v in
-                                               dataclasses.asdict(sweep).items()])
+    sweep_id = tracker.start_sweep(f"sweep-{cfg.method}", dataclasses.asdict(sweep))
     cfg.tracking.parent_run_id = sweep_id
 
-    init_ray(cfg, verbose)
-    check_storage(cfg)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    if cfg.executor == "local":  # the trial trains in its own process, on one CPU
-        resources, concurrent = {"CPU": 1}, sweep.max_concurrent or max(1, int(cpus))
-    else:  # the trial only drives; its Ray Train workers reserve their own CPUs (Tune refuses 0)
-        one_cpu_each(cfg)
-        per_trial = cfg.train.num_workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
-        resources, concurrent = {"CPU": 0.01}, sweep.max_concurrent or max(1, int((cpus - 1) // per_trial))
+    executor = EXECUTORS[cfg.executor]
+    executor.start(cfg, verbose)
+    one_cpu_each(cfg)
+    resources, concurrent = executor.trial_resources(cfg, ray.cluster_resources().get("CPU", 1))
+    concurrent = sweep.max_concurrent or concurrent
     # Trials read the prepared data and write their state under output_dir: on this node's disk.
     resources[f"node:{ray.util.get_node_ip_address()}"] = 0.001
     scheduler = (ASHAScheduler(time_attr="task", max_t=cfg.num_tasks, grace_period=1, reduction_factor=2)
@@ -152,17 +144,13 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
                                   callbacks=[TrialPrinter(log, cfg.num_tasks)]),
     )
     grid = tuner.fit()
-    # A trial that ASHA stopped was ended mid-sequence: its run says so instead of RUNNING.
-    for run in tracker.client.search_runs([tracker.experiment_id], filter_string=(
-            f"tags.{MLFLOW_PARENT_RUN_ID} = '{sweep_id}' and attributes.status = 'RUNNING'")):
-        tracker.client.set_tag(run.info.run_id, "mmcl.stopped_early", "true")
-        tracker.client.set_terminated(run.info.run_id, "KILLED")
+    tracker.end_stopped_trials(sweep_id)
     finished = [r for r in grid if r.error is None and r.metrics.get("task") == cfg.num_tasks]
     failed = [r for r in grid if r.error is not None]
     summary = {"sweep_run_id": sweep_id, "trials": len(grid), "failed": len(failed),
                "stopped_early": len(grid) - len(finished) - len(failed)}
     if not finished:
-        tracker.client.set_terminated(sweep_id, "FAILED")
+        tracker.fail_sequence(sweep_id)
         raise RuntimeError(f"no trial of the sweep finished its sequence ({len(failed)} failed)")
     best = max(finished, key=lambda r: r.metrics[METRIC])
     best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={v}" for k, v in best.config.items()])
@@ -170,10 +158,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
     Path(best_out).write_text(yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     summary.update(best_params=best.config, **{f"best_{k}": best.metrics[k] for k in
                                                (METRIC, "test_avg_acc", "test_avg_inc_acc", "test_forgetting")})
-    tracker.client.log_batch(sweep_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()
-                                                if isinstance(v, (int, float))])
-    tracker.client.log_artifact(sweep_id, best_out)
-    tracker.client.set_terminated(sweep_id, "FINISHED")
+    tracker.finish_sweep(sweep_id, summary, best_out)
     return summary
 
 

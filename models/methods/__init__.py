@@ -6,9 +6,10 @@ and whether each task trains on every task's data so far (`joint`, the upper bou
 import inspect
 from dataclasses import dataclass, field
 
+from models.losses import LossWeights
 from models.methods.analytic import PrototypeHead, RidgeHead
 from models.methods.base import ContinualModel
-from models.methods.cmoe import CMoE, LossWeights
+from models.methods.cmoe import CMoE
 from models.methods.regularized import EWC, Replay
 
 FAMILIES = {"cmoe": CMoE, "ridge": RidgeHead, "prototype": PrototypeHead, "ewc": EWC, "replay": Replay}
@@ -64,11 +65,24 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def model_settings(family: str) -> set[str]:
+    """The ModelConfig keys the family's constructor takes."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for c in FAMILIES[family].__mro__ if "__init__" in vars(c) and issubclass(c, ContinualModel)
+            for name, p in inspect.signature(c.__init__).parameters.items() if p.kind in named} - {
+        "self", "modality_dims", "num_classes"}
+
+
+def settings_read(family: str) -> set[str]:
+    """The `model.*` and `loss.*` config keys a family reads."""
+    return {f"model.{k}" for k in model_settings(family)} | {f"loss.{k}" for k in FAMILIES[family].loss_terms}
+
+
 def create_model(family: str, modality_dims: dict[str, int], num_classes: int, model_cfg: dict) -> ContinualModel:
-    """The family's model, given the settings of `model_cfg` that it takes."""
-    cls = FAMILIES[family]
-    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
-    return cls(modality_dims, num_classes, **{k: v for k, v in model_cfg.items() if k in accepted})
+    """The family's model, given the settings of `model_cfg` that it takes (the config refuses a
+    setting the family does not read, so what is left out here is at its default)."""
+    accepted = model_settings(family)
+    return FAMILIES[family](modality_dims, num_classes, **{k: v for k, v in model_cfg.items() if k in accepted})
 
 
-__all__ = ["METHODS", "ContinualModel", "LossWeights", "Method", "create_model", "get_method"]
+__all__ = ["METHODS", "ContinualModel", "LossWeights", "Method", "create_model", "get_method", "settings_read"]

@@ -41,7 +41,6 @@ class RidgeStatistics(nn.Module):
             self.register_buffer(name, torch.zeros(projection, projection, dtype=torch.float64))
         for name in ("cross", "cross_val", "weight"):
             self.register_buffer(name, torch.zeros(projection, num_classes, dtype=torch.float64))
-        self.register_buffer("ridge", torch.zeros(()))
         self._task = None
 
     @property
@@ -85,7 +84,6 @@ class RidgeStatistics(nn.Module):
             error = (w * (self.gram_val @ w)).sum() - 2 * (w * self.cross_val).sum()  # squared error minus a constant
             if best is None or error < best[0]:
                 best = (error, lam)
-        self.ridge.fill_(best[1])
         self.weight = torch.linalg.solve(self.gram + self.gram_val + best[1] * eye, self.cross + self.cross_val)
 
     def forward(self, x):
@@ -98,6 +96,7 @@ class RidgeStatistics(nn.Module):
             destination[prefix + name] = destination[prefix + name][i, j]
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
+        state_dict.pop(prefix + "ridge", None)  # the chosen strength, kept by checkpoints from before
         n = self.gram.shape[0]
         i, j = torch.triu_indices(n, n)
         for name in GRAMS:

@@ -40,6 +40,7 @@ class ContinualModel(nn.Module):
         end_task(reduce)                  `reduce` sums a tensor over data-parallel workers
     """
     accumulate_needs_grad = False
+    loss_terms: tuple[str, ...] = ()  # the LossWeights fields `objective` reads
 
     def __init__(self, modality_dims: dict[str, int]):
         super().__init__()

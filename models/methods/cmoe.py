@@ -8,11 +8,9 @@ The adapter trains on every task (or the first `adapt_tasks`), with a cosine hea
 signal. Features that move would invalidate statistics gathered under the old adapter (measured:
 class-IL 0.21 with stale statistics against 0.77 recomputed), so each class keeps a Gaussian of its
 frozen features (`class_gaussians`, their covariance rank), which never move: rows drawn from
-earlier tasks' Gaussians join each training batch, and after each task the ridge statistics of earlier tasks are rebuilt from such rows passed
-through the current adapter.
+earlier tasks' Gaussians join each training batch, and after each task the ridge statistics of
+earlier tasks are rebuilt from such rows passed through the current adapter.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from models import losses
 from models.adapter import MMEncoder
 from models.heads import CosineClassifier
+from models.losses import LossWeights
 from models.methods.analytic import RidgeStatistics
 from models.methods.base import ContinualModel
 from models.methods.gaussians import ClassGaussians
@@ -27,19 +26,9 @@ from models.methods.gaussians import ClassGaussians
 REFIT_CHUNK = 256
 
 
-@dataclass
-class LossWeights:
-    ce: float = 1.0
-    kd: float = 1.0
-    rel: float = 1.0
-    align: float = 0.1
-    bal: float = 0.01
-    ewc: float = 100.0  # the ewc family's penalty weight (no other family reads it)
-    kd_temperature: float = 2.0
-    align_temperature: float = 0.1
-
-
 class CMoE(ContinualModel):
+    loss_terms = ("ce", "kd", "rel", "align", "bal", "kd_temperature", "align_temperature")
+
     def __init__(self, modality_dims: dict[str, int], num_classes: int = 0, dim: int = 128, blocks: int = 2,
                  heads: int = 4, num_experts: int = 4, top_k: int = 2, bottleneck: int = 32, dropout: float = 0.1,
                  freeze_per_task: int = 1, experts_per_task: int = 0, head: str = "analytic", adapt_tasks: int = 0,

@@ -10,6 +10,7 @@ class EWC(CMoE):
     """Elastic weight consolidation (Kirkpatrick et al. 2017), online form: the diagonal empirical
     Fisher of every task so far, summed, anchors the shared weights (not the growing head)."""
     accumulate_needs_grad = True
+    loss_terms = (*CMoE.loss_terms, "ewc")
 
     def __init__(self, modality_dims, num_classes=0, **kwargs):
         super().__init__(modality_dims, num_classes, **kwargs)
