@@ -166,12 +166,16 @@ def config_from_dict(values: dict, overrides: list[str] = (), where: str = "conf
         node[keys[-1]] = value
     cfg = _build(RunConfig, values, where)
     _check(cfg)
-    defaults = RunConfig().flat()
-    given = {k: v for k, v in cfg.flat().items()
-             if k.split(".")[0] in ("model", "loss") and k.split(".")[1] in (values.get(k.split(".")[0]) or {})
-             and v != defaults[k]}
+    given = {k: v for k, v in changed_settings(cfg).items()
+             if k.split(".")[1] in (values.get(k.split(".")[0]) or {})}
     cfg.ignored = _apply_method(cfg, given, where, lenient)
     return cfg
+
+
+def changed_settings(cfg: RunConfig) -> dict:
+    """The `model.*` and `loss.*` values that differ from the defaults."""
+    defaults = RunConfig().flat()
+    return {k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "loss") and v != defaults[k]}
 
 
 def method_conflicts(method_name: str, given: dict) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from ray.tune import Callback
 
-from pipeline.config import ConfigError, RunConfig, config_from_dict, method_conflicts, read_yaml
+from pipeline.config import ConfigError, RunConfig, changed_settings, config_from_dict, method_conflicts, read_yaml
 from pipeline.tracking import Tracker, tracking_uri
 
 METRIC = "val_avg_inc_acc"
@@ -50,8 +50,7 @@ def load_sweep(path: str | None, overrides: list[str] = (), **options) -> tuple[
         raise ConfigError(f"sweep.space: unknown config keys {unknown}")
     grid = sweep.space.get("method")
     methods = next(iter(grid.values())) if isinstance(grid, dict) and grid else [cfg.method]
-    defaults = RunConfig().flat()
-    fixed = {k: v for k, v in cfg.flat().items() if k[:5] in ("model", "loss.") and v != defaults[k]}
+    fixed = changed_settings(cfg)
     swept = {k: object() for k in sweep.space if k[:5] in ("model", "loss.")}
     for method in methods if isinstance(methods, list) else [cfg.method]:
         for key, why in method_conflicts(method, {**fixed, **swept}).items():
