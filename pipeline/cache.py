@@ -54,12 +54,20 @@ class EncodeBatch:
             encoded = encoder.encode([values[i] for i in firsts], **kwargs) if firsts else []
             by_value = {k: e.reshape(-1) for k, e in zip(unique, encoded)}
             rows = [by_value[_hashable(v)] if v is not None else None for v in values]
-            out[col] = _vectors(rows, encoder.tokens * encoder.dim, col in self.nullable)
+            out[col] = _vectors(rows, encoder.tokens * (encoder.dim or 0), col in self.nullable)
         return pa.table(out)
 
 
 def _hashable(value):
-    return value if isinstance(value, (bytes, str)) else tuple(value)
+    if isinstance(value, (bytes, str)):
+        return value
+    array = np.asarray(value, dtype=np.float32)  # samples, or a series' steps x channels
+    return array.shape, array.tobytes()
+
+
+def _width(column) -> int:
+    """Floats per row of an encoded column (its encoder's tokens x dim)."""
+    return len(column.drop_null()[0])
 
 
 def _vectors(rows: list, width: int, nullable: bool) -> pa.Array:
@@ -109,8 +117,6 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
     import ray
     import ray.data
 
-    from models.encoders import create_encoder
-
     specs = encoder_specs(data, chosen)
     key, identities = cache_key(data_fingerprint, specs, tokens)
     folder = entry_folder(cache_dir, data.path, key)
@@ -134,14 +140,15 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
                 c for c in data.kinds if data.table[c].null_count]},
             batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=1)
         tmp.mkdir(parents=True)
-        writer = None
+        writer, widths = None, {}
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer = writer or pq.ParquetWriter(tmp / "features.parquet", batch.schema)
             writer.write_table(batch)
+            widths.update({c: _width(batch[c]) for c in specs if c not in widths and batch[c].null_count < len(batch)})
         writer.close()
         modalities = {c: {"kind": "vector", "dim": len(data.table[c].drop_null()[0]), "tokens": 1}
                       for c, k in data.kinds.items() if k == "vector"}
-        modalities.update({c: {"kind": data.kinds[c], "dim": create_encoder(s, tokens).dim, "tokens": tokens,
+        modalities.update({c: {"kind": data.kinds[c], "dim": widths.get(c, 0) // tokens, "tokens": tokens,
                                "encoder": identities[c]} for c, s in specs.items()})
         manifest = {"key": key, "source": str(Path(data.path).resolve()), "source_fingerprint": data_fingerprint,
                     "rows": data.table.num_rows, "modalities": modalities, "seconds": round(time.time() - started, 1),

@@ -87,6 +87,17 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def user_dict(self) -> dict:
+        """`to_dict()` with the model and loss sections as the user set them, before the method's fixed
+        settings: what a run of another method (a sweep's trial over `method`) starts from."""
+        out, defaults = self.to_dict(), RunConfig().to_dict()
+        for section in ("model", "loss"):
+            out[section] = defaults[section]
+        for key, value in getattr(self, "given", {}).items():
+            section, name = key.split(".")
+            out[section][name] = value
+        return out
+
     def flat(self) -> dict:
         """`section.key` -> value, as MLflow params."""
         out = {}
@@ -168,6 +179,7 @@ def config_from_dict(values: dict, overrides: list[str] = (), where: str = "conf
     _check(cfg)
     given = {k: v for k, v in changed_settings(cfg).items()
              if k.split(".")[1] in (values.get(k.split(".")[0]) or {})}
+    cfg.given = given
     cfg.ignored = _apply_method(cfg, given, where, lenient)
     return cfg
 

@@ -15,8 +15,6 @@ import pyarrow as pa
 
 from pipeline.data import DataError, save_table
 
-SENSOR_STEPS = 32  # each inertial channel resampled to this many steps
-
 
 def video_frame(path: Path, start: float | None = None, end: float | None = None) -> bytes:
     """JPEG of the frame nearest the middle of [start, end] (the whole clip by default)."""
@@ -69,7 +67,7 @@ def write_table(rows: list[dict], names: list[str], out: str | Path) -> Path:
         if key not in columns:
             columns[key] = [r.get(key) for r in rows]
     types = {k: pa.binary() for k in ("image", "audio")}
-    arrays = {k: pa.array(v, type=types.get(k, pa.list_(pa.float32()) if k == "sensor" else None))
+    arrays = {k: pa.array(v, type=types.get(k, pa.list_(pa.list_(pa.float32())) if k == "sensor" else None))
               for k, v in columns.items()}
     return save_table(pa.table(arrays), out, names)
 
@@ -102,8 +100,8 @@ def convert_ave(source: str | Path, out: str | Path) -> Path:
     return write_table(rows, sorted({r["label_name"] for r in rows}), out)
 
 
-def _sensor_vector(path: Path) -> list[float]:
-    """A CSV/TXT of numeric columns (time steps x channels) -> channels x SENSOR_STEPS, flattened."""
+def _sensor_series(path: Path) -> list[list[float]]:
+    """A CSV/TXT of numeric columns (time steps x channels) -> the series, as the timeseries kind holds it."""
     text = path.read_text()
     delimiter = "," if "," in text.splitlines()[0] else None
     values = []
@@ -115,9 +113,9 @@ def _sensor_vector(path: Path) -> list[float]:
             continue  # a header line
     if not values:
         raise DataError(f"{path}: no numeric rows")
-    x = np.asarray(values, dtype=np.float32)
-    t = np.linspace(0, len(x) - 1, SENSOR_STEPS)
-    return np.stack([np.interp(t, np.arange(len(x)), x[:, c]) for c in range(x.shape[1])]).reshape(-1).tolist()
+    if len({len(v) for v in values}) > 1:
+        raise DataError(f"{path}: rows with different numbers of channels")
+    return values
 
 
 def convert_uestc_mmea_cl(source: str | Path, out: str | Path) -> Path:
@@ -125,7 +123,8 @@ def convert_uestc_mmea_cl(source: str | Path, out: str | Path) -> Path:
 
     A list line's first field names the sample (`<k_class>/<name>`, with or without an extension);
     its video is video/<k_class>/<name>.mp4 (or a folder of frames), its inertial data
-    sensor/<k_class>/<name>.csv or .txt (accelerometer and gyroscope columns)."""
+    sensor/<k_class>/<name>.csv or .txt (accelerometer and gyroscope columns), kept as a `sensor`
+    timeseries (steps x channels)."""
     root = Path(source)
     rows = []
     for split in ("train", "val", "test"):
@@ -149,7 +148,7 @@ def convert_uestc_mmea_cl(source: str | Path, out: str | Path) -> Path:
             else:
                 image = video_frame(video) if video is not None else None
             rows.append({"sample_id": str(rel), "label_name": re.sub(r"^\d+_", "", class_folder), "domain": "uestc",
-                         "split": split, "image": image, "sensor": _sensor_vector(sensor) if sensor else None,
+                         "split": split, "image": image, "sensor": _sensor_series(sensor) if sensor else None,
                          "order": int(re.match(r"^(\d+)", class_folder).group(1)) if class_folder[0].isdigit() else 0})
     names = [n for _, n in sorted({(r["order"], r["label_name"]) for r in rows})]
     for r in rows:

@@ -3,8 +3,9 @@
 One row per sample: `sample_id`, `label` (int), `label_name`, `domain`, `split` (train|val|test),
 and one column per modality, its kind found from its type: image (encoded image bytes), audio
 (WAV/FLAC/OGG bytes, or float samples in a column named `audio` or `*_audio` with a
-`sample_rate` column), text (string) or vector (list<float>, fixed length). Any modality may be
-null in a row, but not all of them.
+`sample_rate` column), text (string), vector (list<float>, fixed length) or timeseries
+(list<list<float>>: time steps, each with the same channels). Any modality may be null in a row, but
+not all of them.
 """
 import io
 import json
@@ -68,12 +69,17 @@ def save_table(table: pa.Table, out: str | Path, names: list[str] | None = None)
     return out
 
 def _is_numeric_list(dtype: pa.DataType) -> bool:
-    return (pa.types.is_list(dtype) or pa.types.is_fixed_size_list(dtype) or pa.types.is_large_list(dtype)) and (
-        pa.types.is_floating(dtype.value_type) or pa.types.is_integer(dtype.value_type))
+    return _is_list(dtype) and (pa.types.is_floating(dtype.value_type) or pa.types.is_integer(dtype.value_type))
+
+
+def _is_list(dtype: pa.DataType) -> bool:
+    return pa.types.is_list(dtype) or pa.types.is_fixed_size_list(dtype) or pa.types.is_large_list(dtype)
 
 
 def modality_kind(name: str, dtype: pa.DataType, first_value=None) -> str | None:
     """The modality a column holds, from its type (binary columns: from their first bytes)."""
+    if _is_list(dtype) and _is_numeric_list(dtype.value_type):
+        return "timeseries"
     if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
         return "text"
     if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype):
@@ -139,7 +145,8 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
     for col in table.column_names:
         if col not in REQUIRED and col not in RESERVED and col not in kinds:
             err(col, [], f"type {table.schema.field(col).type} is not a modality (image or audio: binary; "
-                         "text: string; vector or audio samples: list<float>)")
+                         "text: string; vector or audio samples: list<float>; timeseries: "
+                         "list<list<float>>)")
     for col, kind in kinds.items():
         arr = table[col].combine_chunks()
         valid = ~np.asarray(arr.is_null())
@@ -148,6 +155,8 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
                           "list<float> column (pa.list_(pa.float32()))")
         if kind == "vector":
             _check_vectors(arr, valid, col, err)
+        elif kind == "timeseries":
+            _check_series(arr, valid, col, err)
         elif kind == "image":
             _check_decodes(arr, valid, col, err, _decode_image_header)
         elif kind == "audio":
@@ -203,6 +212,32 @@ def _check_vectors(arr, valid, col, err, same_length=True):
             offsets = np.concatenate([[0], np.cumsum(np.where(valid, lengths, 0))])
             row_of = np.searchsorted(offsets, np.flatnonzero(~finite), side="right") - 1
             err(col, sorted(set(row_of.tolist())), "NaN or infinite values")
+
+
+def _check_series(arr, valid, col, err):
+    """Each row a (time steps x channels) series: at least one step, every step with the column's
+    channel count, no null steps, finite values. Series may differ in length."""
+    steps = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    empty = valid & (np.nan_to_num(steps) == 0)
+    if empty.any():
+        err(col, _rows(empty), "a series with no time steps")
+    inner = arr.flatten()  # one entry per time step, rows back to back
+    row_of_step = np.repeat(np.arange(len(arr)), np.where(valid, steps, 0).astype(int))
+    if inner.null_count:
+        err(col, sorted(set(row_of_step[np.asarray(inner.is_null())].tolist())), "a null time step")
+    channels = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
+    if len(channels):
+        expected = int(np.bincount(np.nan_to_num(channels).astype(int)).argmax())
+        bad = np.nan_to_num(channels) != expected
+        if bad.any():
+            err(col, sorted(set(row_of_step[bad].tolist())),
+                f"time steps with other than the column's {expected} channels (uneven lengths)")
+    values = inner.flatten()
+    if pa.types.is_floating(values.type) and len(values):
+        finite = np.isfinite(values.to_numpy(zero_copy_only=False))
+        if not finite.all():
+            step_of = np.repeat(np.arange(len(inner)), np.nan_to_num(channels).astype(int))
+            err(col, sorted(set(row_of_step[step_of[~finite]].tolist())), "NaN or infinite values")
 
 
 def _decode_image_header(data: bytes):

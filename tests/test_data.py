@@ -32,6 +32,7 @@ def good_columns(n=6) -> dict:
         "label_name": [f"c{i // 2}" for i in range(n)], "domain": ["d"] * n, "split": ["train", "test"] * (n // 2),
         "image": [png(10 * i) for i in range(n)], "audio": [wav() for _ in range(n)],
         "caption": [f"a digit {i}" for i in range(n)], "v": [[float(i), 1.0] for i in range(n)],
+        "motion": [[[float(i), 0.5, -1.0]] * (3 + i) for i in range(n)],  # steps x 3 channels, lengths differ
     }
 
 
@@ -56,7 +57,7 @@ def _drop(col):
 
 def _all_null(row):
     def change(cols):
-        for m in ("image", "audio", "caption", "v"):
+        for m in ("image", "audio", "caption", "v", "motion"):
             cols[m][row] = None
     return change
 
@@ -89,6 +90,11 @@ def _numbers_as_text(cols):
     (_set("v", 1, [float("nan"), 1.0]), "error: f.parquet, column 'v', row 1: NaN or infinite values"),
     (_set("v", 5, [float("inf"), 1.0]), "error: f.parquet, column 'v', row 5: NaN or infinite values"),
     (_set("v", 2, [1.0]), "error: f.parquet, column 'v', row 2: vector length differs"),
+    (_set("motion", 2, [[0.0, 1.0, 2.0], [0.0, 1.0]]),
+     "error: f.parquet, column 'motion', row 2: time steps with other than the column's 3 channels"),
+    (_set("motion", 1, [[0.0, float("nan"), 2.0]] * 4), "error: f.parquet, column 'motion', row 1: NaN or infinite"),
+    (_set("motion", 4, []), "error: f.parquet, column 'motion', row 4: a series with no time steps"),
+    (_set("motion", 3, [[0.0, 1.0, 2.0], None]), "error: f.parquet, column 'motion', row 3: a null time step"),
     (_set("label", 5, 7), "error: f.parquet, column 'label', row 5: label outside the declared set 0..2"),
     (_set("label_name", 0, "cat"), "error: f.parquet, column 'label_name', row 0: label_name differs"),
     (_set("label", 1, -1), "error: f.parquet, column 'label', row 1: labels must be non-negative"),
@@ -101,6 +107,7 @@ def _numbers_as_text(cols):
     (_set("caption", 2, None), "warning: f.parquet, column 'caption', row 2: modality missing (null)"),
     (_numbers_as_text, "warning: f.parquet, column 'caption': every value is a number written as text"),
 ], ids=["missing-column", "wrong-type", "bad-image", "bad-audio", "nan", "inf", "ragged-vector",
+        "series-uneven-channels", "series-nan", "series-empty", "series-null-step",
         "label-outside-declared", "label-name-mismatch", "negative-label", "bad-split", "empty-split",
         "empty-task", "all-modalities-null", "null-group", "duplicate-sample-id", "null-modality-warning",
         "numbers-as-text-warning"])

@@ -84,7 +84,7 @@ def _tiny_wav2vec2_folder(tmp_path) -> str:
 # A spec per registered family that builds offline (a new family adds its own here).
 EXAMPLES = {"efficientnet_lite0": "efficientnet_lite0", "timm": _local_timm_weights, "timm-dir": _timm_folder,
             "minilm": "minilm", "hf": lambda tmp_path: f"hf:{create_encoder('minilm').source}",
-            "speech_embedding": "speech_embedding", "hf-audio": _tiny_wav2vec2_folder}
+            "speech_embedding": "speech_embedding", "hf-audio": _tiny_wav2vec2_folder, "segment-stats": "segment-stats"}
 
 
 def _inputs(kind):
@@ -98,6 +98,9 @@ def _inputs(kind):
         return out
     if kind == "text":
         return ["one short sentence", "and a second, longer sentence with more word pieces in it"]
+    if kind == "timeseries":  # steps x channels, of different lengths
+        t = np.linspace(0, 6, 50)
+        return [np.stack([np.sin(t), np.cos(t)], 1).tolist(), np.stack([t, -t], 1)[:7].tolist()]
     wavs = sorted(fsdd_recordings().glob("*.wav"))[:2]
     return [f.read_bytes() for f in wavs]
 
@@ -120,3 +123,12 @@ def test_a_timm_folder_encodes_as_the_model_it_was_saved_from(tmp_path):
     photos = _inputs("image")
     np.testing.assert_allclose(folder.encode(photos), packaged.encode(photos), rtol=1e-5, atol=1e-5)
     assert folder.identity != packaged.identity and folder.identity["family"] == "timm-dir"
+
+
+def test_segment_statistics_follow_time():
+    from models.encoders.series import segment_statistics
+    ramp = np.stack([np.arange(8.0), np.full(8, 3.0)], 1)  # channel 0 rises, channel 1 is constant
+    z = segment_statistics(ramp, tokens=2)  # per token: mean, std, min, max, change of each channel
+    np.testing.assert_allclose(z[:, [0, 1]], [[1.5, 3.0], [5.5, 3.0]])  # the means, segment by segment
+    np.testing.assert_allclose(z[:, [4, 5, 6, 7]], [[0, 3, 3, 3], [4, 3, 7, 3]])  # min and max
+    np.testing.assert_allclose(z[1, [8, 9]], [1.0, 0.0])  # mean absolute change

@@ -131,3 +131,16 @@ def test_a_killed_sequence_resumes_at_the_last_finished_task(ray_local, tmp_path
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"]]
     assert sorted(r.data.tags["mmcl.task_index"] for r in children) == ["0", "1", "2"]  # each logged once
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_sensor_streams_train_through_the_timeseries_kind(ray_local, tmp_path, capsys):
+    """BasicMotions (the copy `aeon` ships): accelerometer and gyroscope series, tokens by time segment."""
+    out = tmp_path / "r.json"
+    assert main(["run", "--benchmark", "basicmotions", "--out", str(out), "--tasks", "2", "train.epochs=3",
+                 "tracking.enabled=false", f"output_dir={tmp_path}"]) == 0
+    assert "accelerometer only" in capsys.readouterr().out
+    assert json.loads(out.read_text())["avg_acc"] >= 0.8  # 4 activities, chance 0.25
+    (manifest,) = tmp_path.glob("cache/*/_mmcl_features.json")
+    encoded = json.loads(manifest.read_text())["modalities"]
+    assert {m: (e["kind"], e["tokens"], e["dim"]) for m, e in encoded.items()} == {
+        "accelerometer": ("timeseries", 4, 15), "gyroscope": ("timeseries", 4, 15)}  # 3 axes x 5 statistics

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, RunConfig, config_from_dict, load_config
 from pipeline.data import DataError, load_data
 from pipeline.driver import hold_out_validation
 from pipeline.evaluate import summarize
@@ -73,6 +73,17 @@ def test_a_sweep_over_a_setting_the_method_does_not_take_is_refused(tmp_path):
     path.write_text("sweep:\n  space:\n    method: {grid: [cmoe, ranpac]}\n    model.num_experts: {grid: [2, 4]}\n")
     with pytest.raises(ConfigError, match=r"sweep.space.model.num_experts: method ranpac \(the ridge family\)"):
         load_sweep(str(path))
+
+
+def test_a_sweep_over_methods_gives_each_trial_the_users_values_not_the_base_methods(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("method: finetune\nmodel: {num_experts: 2}\nsweep:\n  space:\n    method: {grid: [finetune, cmoe]}\n")
+    cfg, _ = load_sweep(str(path))
+    assert cfg.model.head == "cosine"  # finetune's own setting
+    trial = config_from_dict(cfg.user_dict(), ["method=cmoe"])
+    defaults = RunConfig()
+    assert trial.model.head == defaults.model.head and trial.loss.kd == defaults.loss.kd
+    assert trial.model.num_experts == 2  # what the user set carries over
 
 
 def test_bench_keeps_the_config_files_executor_unless_one_is_typed(tmp_path, monkeypatch):

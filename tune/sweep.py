@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from ray.tune import Callback
 
-from pipeline.config import ConfigError, RunConfig, changed_settings, config_from_dict, method_conflicts, read_yaml
+from pipeline.config import ConfigError, RunConfig, config_from_dict, method_conflicts, read_yaml
 from pipeline.tracking import Tracker, tracking_uri
 
 METRIC = "val_avg_inc_acc"
@@ -50,10 +50,9 @@ def load_sweep(path: str | None, overrides: list[str] = (), **options) -> tuple[
         raise ConfigError(f"sweep.space: unknown config keys {unknown}")
     grid = sweep.space.get("method")
     methods = next(iter(grid.values())) if isinstance(grid, dict) and grid else [cfg.method]
-    fixed = changed_settings(cfg)
     swept = {k: object() for k in sweep.space if k[:5] in ("model", "loss.")}
     for method in methods if isinstance(methods, list) else [cfg.method]:
-        for key, why in method_conflicts(method, {**fixed, **swept}).items():
+        for key, why in method_conflicts(method, {**cfg.given, **swept}).items():
             if key in swept:
                 raise ConfigError(f"{path or 'sweep'}: sweep.space.{key}: {why}; a sweep over it changes nothing")
             raise ConfigError(f"{path or 'sweep'}: {key}: {why} (a trial of method {method})")
@@ -133,7 +132,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
         from ray.tune.search.optuna import OptunaSearch
         search = OptunaSearch(seed=cfg.seed)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict()), resources),
+        tune.with_resources(tune.with_parameters(run_trial, base=cfg.user_dict()), resources),
         param_space=tune_space(sweep.space),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search,
                                     num_samples=sweep.samples, max_concurrent_trials=concurrent),
@@ -152,7 +151,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
         tracker.fail_sequence(sweep_id)
         raise RuntimeError(f"no trial of the sweep finished its sequence ({len(failed)} failed)")
     best = max(finished, key=lambda r: r.metrics[METRIC])
-    best_cfg = config_from_dict(cfg.to_dict(), [f"{k}={v}" for k, v in best.config.items()])
+    best_cfg = config_from_dict(cfg.user_dict(), [f"{k}={v}" for k, v in best.config.items()])
     best_cfg.tracking.parent_run_id = None
     Path(best_out).write_text(yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     summary.update(best_params=best.config, **{f"best_{k}": best.metrics[k] for k in

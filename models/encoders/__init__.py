@@ -1,10 +1,10 @@
 """Frozen pre-trained encoders, one file per family, selected by a spec string `FAMILY[:ARG]`.
 
 Every encoder returns `tokens` fixed-size token sequences (B, tokens, dim): spatial cells, audio
-windows or word pieces mean-pooled into that many segments, so their mean is the pooled vector.
+windows, time segments or word pieces mean-pooled into that many segments, so their mean is the pooled vector.
 The families, their specs and weights are the rows of ENCODERS (docs/data.md lists them).
 """
-from models.encoders import audio, text, timm_folder, vision
+from models.encoders import audio, series, text, timm_folder, vision
 from models.encoders.base import Encoder, EncoderFamily, segment_means
 
 ENCODERS: dict[str, EncoderFamily] = {
@@ -12,8 +12,9 @@ ENCODERS: dict[str, EncoderFamily] = {
     **timm_folder.FAMILIES,
     **text.FAMILIES,
     **audio.FAMILIES,
+    **series.FAMILIES,
 }
-DEFAULTS = {"image": "efficientnet_lite0", "text": "minilm", "audio": "speech_embedding"}
+DEFAULTS = {"image": "efficientnet_lite0", "text": "minilm", "audio": "speech_embedding", "timeseries": "segment-stats"}
 
 
 def encoder_family(spec: str) -> tuple[EncoderFamily, str]:

@@ -26,7 +26,7 @@ class Encoder:
 @dataclass(frozen=True)
 class EncoderFamily:
     """One row of the encoder registry: the spec `NAME[:ARG]` builds `create(ARG, tokens)`."""
-    kind: str  # the modality kind it encodes: image, text or audio
+    kind: str  # the modality kind it encodes: image, text, audio or timeseries
     create: Callable[[str, int], Encoder]
     identity: Callable[[str, int], dict]  # create(ARG, tokens).identity, from the spec and weight files alone
     spec: str  # how a spec of this family is written
