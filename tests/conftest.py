@@ -106,10 +106,12 @@ def synthetic(tmp_path_factory):
     return path
 
 
-# Tests and CI read the Free Spoken Digit Dataset from the shared folder beside the checkout.
-_SHARED_FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
-if _SHARED_FSDD.is_dir():
-    os.environ.setdefault("MMCL_FSDD_DIR", str(_SHARED_FSDD))
+# Tests and CI read the Free Spoken Digit Dataset and the Tux Paint stamps from the shared folder
+# beside the checkout (docs/data.md says how a user gets each).
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+for _variable, _folder in (("MMCL_FSDD_DIR", "fsdd"), ("MMCL_TUXPAINT_DIR", "tuxpaint")):
+    if (_SHARED / _folder).is_dir():
+        os.environ.setdefault(_variable, str(_SHARED / _folder))
 
 
 @pytest.fixture(scope="session")

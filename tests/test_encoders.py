@@ -84,7 +84,8 @@ def _tiny_wav2vec2_folder(tmp_path) -> str:
 # A spec per registered family that builds offline (a new family adds its own here).
 EXAMPLES = {"efficientnet_lite0": "efficientnet_lite0", "timm": _local_timm_weights, "timm-dir": _timm_folder,
             "minilm": "minilm", "hf": lambda tmp_path: f"hf:{create_encoder('minilm').source}",
-            "speech_embedding": "speech_embedding", "hf-audio": _tiny_wav2vec2_folder, "segment-stats": "segment-stats"}
+            "speech_embedding": "speech_embedding", "hf-audio": _tiny_wav2vec2_folder, "segment-stats": "segment-stats",
+            "use-multilingual": "use-multilingual"}
 
 
 def _inputs(kind):
@@ -132,3 +133,15 @@ def test_segment_statistics_follow_time():
     np.testing.assert_allclose(z[:, [0, 1]], [[1.5, 3.0], [5.5, 3.0]])  # the means, segment by segment
     np.testing.assert_allclose(z[:, [4, 5, 6, 7]], [[0, 3, 3, 3], [4, 3, 7, 3]])  # min and max
     np.testing.assert_allclose(z[1, [8, 9]], [1.0, 0.0])  # mean absolute change
+
+
+def test_multilingual_text_weights_find_a_caption_in_another_language():
+    """A French caption's nearest Russian and Spanish captions are its translations (MiniLM, English
+    only, finds a third of them)."""
+    captions = [["Un chien.", "Собака.", "Un perro."], ["Une pomme.", "Яблоко.", "Una manzana."],
+                ["Une voiture.", "Машина.", "Un coche."], ["Un autobus.", "Автобус.", "Un autobús."],
+                ["Un zèbre.", "Зебра.", "Una cebra."], ["Une maison.", "Дом.", "Una casa."]]
+    v = create_encoder("use-multilingual").embed([c for row in captions for c in row]).reshape(6, 3, -1)
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    for lang in (1, 2):
+        assert (np.argmax(v[:, 0] @ v[:, lang].T, axis=1) == np.arange(6)).all(), lang

@@ -4,13 +4,14 @@ Every encoder returns `tokens` fixed-size token sequences (B, tokens, dim): spat
 windows, time segments or word pieces mean-pooled into that many segments, so their mean is the pooled vector.
 The families, their specs and weights are the rows of ENCODERS (docs/data.md lists them).
 """
-from models.encoders import audio, series, text, timm_folder, vision
+from models.encoders import audio, series, text, timm_folder, use_multilingual, vision
 from models.encoders.base import Encoder, EncoderFamily, segment_means
 
 ENCODERS: dict[str, EncoderFamily] = {
     **vision.FAMILIES,
     **timm_folder.FAMILIES,
     **text.FAMILIES,
+    **use_multilingual.FAMILIES,
     **audio.FAMILIES,
     **series.FAMILIES,
 }

@@ -6,13 +6,14 @@ places); label names come from the table's `label_name` column.
 """
 from pathlib import Path
 
-from pipeline.benchmarks import av_digits, basicmotions, mfeat
+from pipeline.benchmarks import av_digits, basicmotions, mfeat, tuxpaint
 from pipeline.data import DataError
 
 BENCHMARKS = {
     **mfeat.BENCHMARKS,
     **av_digits.BENCHMARKS,
     **basicmotions.BENCHMARKS,
+    **tuxpaint.BENCHMARKS,
 }
 
 
