@@ -27,7 +27,7 @@ def class_gaussian_samples(x, labels, rank, per_class, rng):
 
 
 def main() -> None:
-    name, pooled, labels, split = pooled_features(__doc__)
+    name, pooled, labels, split, _ = pooled_features(__doc__)
     train, test = split == "train", split == "test"
     blocks = []
     for x in pooled.values():

@@ -15,7 +15,7 @@ ENCODERS: dict[str, EncoderFamily] = {
     **audio.FAMILIES,
     **series.FAMILIES,
 }
-DEFAULTS = {"image": "efficientnet_lite0", "text": "minilm", "audio": "speech_embedding", "timeseries": "segment-stats"}
+DEFAULTS = {"image": "efficientnet_lite0", "text": "use-multilingual", "audio": "speech_embedding", "timeseries": "segment-stats"}
 
 
 def encoder_family(spec: str) -> tuple[EncoderFamily, str]:
