@@ -83,12 +83,16 @@ def two_nodes():
             time.sleep(0.5)
         nodes.append(start_node(f"--address=127.0.0.1:{gcs}", f"--temp-dir={temps[1]}",
                                 "--min-worker-port=15000", "--max-worker-port=19999"))
+        refused = ""
         for _ in range(120):
-            if len(ray_list("nodes", url, "state=ALIVE")) == 2:
-                break
+            try:
+                if len(ray_list("nodes", url, "state=ALIVE")) == 2:
+                    break
+            except subprocess.CalledProcessError as e:  # the state API can lag the dashboard's first answer
+                refused = e.stderr.strip().splitlines()[-1:] if e.stderr else ""
             time.sleep(0.5)
         else:
-            pytest.fail("the second node did not join")
+            pytest.fail(f"the second node did not join {refused}")
         yield SimpleNamespace(address=f"127.0.0.1:{gcs}", dashboard=url, second=nodes[1])
     finally:
         for proc in reversed(nodes):
