@@ -46,7 +46,8 @@ def main() -> None:
         scaler = StandardScaler().fit(x[train])
         clf = LogisticRegression(max_iter=3000).fit(scaler.transform(x[train]), labels[train])
         right = clf.predict(scaler.transform(x[test])) == labels[test]
-        print(f"| {view} | {right.mean():.3f} |" + "".join(f" {right[domain[test] == d].mean():.3f} |" for d in domains))
+        by_domain = "".join(f" {right[domain[test] == d].mean():.3f} |" for d in domains)
+        print(f"| {view} | {right.mean():.3f} |{by_domain}")
 
 
 if __name__ == "__main__":

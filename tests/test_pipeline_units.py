@@ -77,7 +77,8 @@ def test_a_sweep_over_a_setting_the_method_does_not_take_is_refused(tmp_path):
 
 def test_a_sweep_over_methods_gives_each_trial_the_users_values_not_the_base_methods(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("method: finetune\nmodel: {num_experts: 2}\nsweep:\n  space:\n    method: {grid: [finetune, cmoe]}\n")
+    path.write_text("method: finetune\nmodel: {num_experts: 2}\n"
+                    "sweep:\n  space:\n    method: {grid: [finetune, cmoe]}\n")
     cfg, _ = load_sweep(str(path))
     assert cfg.model.head == "cosine"  # finetune's own setting
     trial = config_from_dict(cfg.user_dict(), ["method=cmoe"])

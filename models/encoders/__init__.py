@@ -1,7 +1,8 @@
 """Frozen pre-trained encoders, one file per family, selected by a spec string `FAMILY[:ARG]`.
 
 Every encoder returns `tokens` fixed-size token sequences (B, tokens, dim): spatial cells, audio
-windows, time segments or word pieces mean-pooled into that many segments, so their mean is the pooled vector.
+windows, time segments or word pieces mean-pooled into that many segments, so their mean is the
+pooled vector.
 The families, their specs and weights are the rows of ENCODERS (docs/data.md lists them).
 """
 from models.encoders import audio, series, text, timm_folder, use_multilingual, vision
@@ -15,7 +16,8 @@ ENCODERS: dict[str, EncoderFamily] = {
     **audio.FAMILIES,
     **series.FAMILIES,
 }
-DEFAULTS = {"image": "efficientnet_lite0", "text": "use-multilingual", "audio": "speech_embedding", "timeseries": "segment-stats"}
+DEFAULTS = {"image": "efficientnet_lite0", "text": "use-multilingual", "audio": "speech_embedding",
+            "timeseries": "segment-stats"}
 
 
 def encoder_family(spec: str) -> tuple[EncoderFamily, str]:
