@@ -64,7 +64,7 @@ def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
         try:
             if requests.get(f"{url}/health", timeout=30).ok:
                 return proc, url
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy to answer
             time.sleep(0.5)
     stop_server(proc)
     pytest.fail("mlflow server did not start")

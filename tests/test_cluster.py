@@ -78,7 +78,7 @@ def two_nodes():
             try:
                 requests.get(f"{url}/api/version", timeout=5)  # up (it answers 401 without the token)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
                 pass
             time.sleep(0.5)
         nodes.append(start_node(f"--address=127.0.0.1:{gcs}", f"--temp-dir={temps[1]}",
