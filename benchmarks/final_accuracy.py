@@ -7,6 +7,7 @@ driver builds them), so that the two are the same measure. Prints Markdown.
 """
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,15 +19,15 @@ from pipeline.scenario import make_scenario
 
 def main() -> None:
     bench = json.loads(open(sys.argv[1]).read())
-    table = pq.read_table(benchmark_path(bench["benchmark"], RunConfig().output_dir + "/data")).to_pandas()
-    labels, domains = table.label.to_numpy(), table.domain.astype(str).to_numpy()
+    table = pq.read_table(benchmark_path(bench["benchmark"], Path(RunConfig().output_dir) / "data")).to_pandas()
+    columns = {"label": table.label.to_numpy(), "domain": table.domain.astype(str).to_numpy()}
     test = table.split.to_numpy() == "test"
     by_method = {}
     for run in bench["runs"]:
-        scenario = make_scenario(bench["scenario"], labels, domains, bench["num_tasks"], run["seed"])
-        column = labels if bench["scenario"] == "class-il" else domains
-        sizes = [np.isin(column[test], task.classes if bench["scenario"] == "class-il" else task.domains).sum()
-                 for task in scenario.tasks]
+        scenario = make_scenario(bench["scenario"], columns["label"], columns["domain"], bench["num_tasks"],
+                                 run["seed"])
+        sizes = [np.isin(columns[column][test], values).sum()
+                 for column, values in map(scenario.rows_of, scenario.tasks)]
         by_method.setdefault(run["method"], []).append(float(np.dot(run["acc_matrix"][-1], sizes) / sum(sizes)))
     print(f"| {bench['benchmark']} {bench['scenario']}, {bench['num_tasks']} tasks | final accuracy over all test "
           "rows | by seed |\n|---|---|---|")

@@ -37,7 +37,8 @@ def pooled_features(description: str):
 def main() -> None:
     name, pooled, labels, split, domain = pooled_features(__doc__)
     train, test = split == "train", split == "test"
-    domains = sorted(set(domain[test])) if len(set(domain[test])) > 1 else []
+    domains = sorted(set(domain[test]))
+    domains = domains if len(domains) > 1 else []
     views = {**{f"{m} only": [m] for m in pooled}, "fused (all modalities)": list(pooled)}
     print(f"| {name}: joint logistic regression | test accuracy |{''.join(f' {d} |' for d in domains)}\n"
           f"|---|---|{'---|' * len(domains)}")
