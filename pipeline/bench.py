@@ -42,7 +42,8 @@ def _run_one(cfg: RunConfig) -> dict:
 
 def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str | None = None) -> dict:
     """`merge`: an earlier bench JSON of the same benchmark, scenario, tasks and seeds, whose other
-    methods' runs join the table as they were (so that a changed method reruns alone)."""
+    methods' runs join the table as they were (so that a changed method reruns alone, or new methods
+    are added); the table keeps that file's order and paired reference, new methods last."""
     quiet_logs(False)
     if not methods:
         raise ConfigError("--methods: no methods given")
@@ -50,7 +51,7 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str 
     base = configs[methods[0]]
     report_ignored(configs, log)
     source = prepare_data(base, log).source  # checked, built and encoded once, before sequences run side by side
-    carried = carried_runs(merge, base, methods, seeds) if merge else []
+    earlier_order, carried = carried_runs(merge, base, methods, seeds) if merge else ([], [])
     configs = sequence_configs(config_for, methods, seeds, str(Path(source).resolve()), base.num_tasks)
     started = time.time()
     results = []
@@ -62,7 +63,8 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str 
 
     EXECUTORS[base.executor].run_many(configs, _run_one, done)
     carried_methods = list(dict.fromkeys(r["method"] for r in carried))
-    summary = summarize_bench(base, [*methods, *carried_methods], seeds, results + carried, time.time() - started)
+    order = list(dict.fromkeys([*earlier_order, *methods]))
+    summary = summarize_bench(base, order, seeds, results + carried, time.time() - started)
     if carried:
         summary["carried_over"] = {"from": str(merge), "methods": carried_methods}
     return summary
@@ -81,8 +83,8 @@ def report_ignored(configs: dict[str, RunConfig], log) -> None:
             log(f"  {method}: left at its own value, {line}")
 
 
-def carried_runs(path: str, base: RunConfig, methods: list[str], seeds: int) -> list[dict]:
-    """The runs of an earlier bench's methods that are not run again."""
+def carried_runs(path: str, base: RunConfig, methods: list[str], seeds: int) -> tuple[list[str], list[dict]]:
+    """The earlier bench's method order, and the runs of its methods that are not run again."""
     try:
         earlier = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -99,7 +101,7 @@ def carried_runs(path: str, base: RunConfig, methods: list[str], seeds: int) -> 
             row = rows[run["method"]]  # earlier files kept the one-modality accuracies per method only
             only = {k[len("avg_acc_only_"):-len("_mean")]: v for k, v in row.items() if k.startswith("avg_acc_only_")}
             carried.append({"avg_acc_only": only, **run})
-    return carried
+    return list(rows), carried
 
 
 def summarize_bench(base: RunConfig, methods: list[str], seeds: int, results: list[dict], seconds: float) -> dict:

@@ -59,13 +59,16 @@ def test_bench_writes_json_and_markdown_with_paired_differences(synthetic, tmp_p
     assert len(sequences) == 6  # each keeps only its last task's model (a 15-method table was 13 GB)
     assert all([p.name for p in d.glob("task-*")] == ["task-2"] for d in sequences)
 
-    # A changed method reruns alone; the others' runs join its table as they were.
+    # A changed method reruns alone and a new one joins; the others' runs join as they were, in the
+    # earlier table's order and against its reference.
     merged = tmp_path / "merged.json"
-    assert main(["bench", "--data", str(synthetic), "--tasks", "3", "--methods", "simplecil", "--seeds", "2",
-                 "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}"]) == 0
+    assert main(["bench", "--data", str(synthetic), "--tasks", "3", "--methods", "simplecil,lwf", "--seeds", "2",
+                 "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}", "train.epochs=2"]) == 0
     again = json.loads(merged.read_text())
-    assert [r["method"] for r in again["rows"]] == ["simplecil", "ranpac", "finetune"]
-    assert {(r["method"], r["seed"]): r["avg_acc"] for r in again["runs"]} == runs  # simplecil is deterministic
+    assert [r["method"] for r in again["rows"]] == ["ranpac", "simplecil", "finetune", "lwf"]
+    assert again["reference"] == "ranpac" and "avg_acc_diff_vs_ranpac_mean" in again["rows"][3]
+    kept = {(r["method"], r["seed"]): r["avg_acc"] for r in again["runs"] if r["method"] != "lwf"}
+    assert kept == runs  # simplecil is deterministic
     assert again["carried_over"]["methods"] == ["ranpac", "finetune"]
     assert "carried over from" in merged.with_suffix(".md").read_text()
     assert main(["bench", "--data", str(synthetic), "--tasks", "2", "--methods", "simplecil", "--seeds", "2",
