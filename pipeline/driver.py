@@ -153,7 +153,8 @@ class SequenceRecipe:
         split, _ = hold_out_validation(data.column("split"), labels, data.column("sample_id"), cfg.train.val_fraction,
                                        data.column("group") if "group" in data.table.column_names else None)
         table = data.table.select(["label", "domain", *data.modalities]).append_column("split", pa.array(split))
-        spec = {"family": method.family, "modalities": data.modalities, "class_order": scenario.class_order,
+        spec = {"family": method.family, "joint": method.joint, "modalities": data.modalities,
+                "class_order": scenario.class_order,
                 "encoders": self.prepared.encoders, "tokens": cfg.encoder_tokens, "model": vars(cfg.model)}
         tasks = [{"index": t.index, "head_size": scenario.head_size_after(t.index),
                   "train": scenario.rows_of(t, so_far=method.joint), "eval": scenario.rows_of(t)}

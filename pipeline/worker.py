@@ -204,6 +204,8 @@ def learn_task(model: ContinualModel, rows: Rows, task: dict, config: dict, new_
     model.to(device)
     seen_before = model.head_size
     model.begin_task(task["head_size"])
+    if config["spec"].get("joint"):  # this task's rows include every earlier task's
+        model.forget_statistics()
     torch.manual_seed(seed * 1000 + t)
     if not bool(model.standardizer.fitted.all()):
         fit_standardizer(model, batches_of(rows, mine(None), train["batch_size"], device),

@@ -3,10 +3,14 @@ its sequences on Ray Train side by side."""
 import json
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from models.methods import METHODS, settings_read
 from pipeline.bench import sequence_configs
+from pipeline.checkpoint import load_model
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.driver import run_sequence
@@ -24,10 +28,22 @@ def test_every_method_learns_each_task(method, synthetic, tmp_path):
     result = run(synthetic, tmp_path, method)
     matrix = result["acc_matrix"]
     assert len(matrix) == 3 and all(matrix[i][i] > 0.8 for i in range(3)), matrix  # chance 0.5 within a task
-    if method in ("ranpac", "simplecil", "joint", "cmoe"):
+    if method in ("ranpac", "simplecil", "joint", "cmoe", "cmoe-joint"):
         assert result["avg_acc"] > 0.85, matrix  # nothing to forget, old classes' Gaussians, or every task's data
     if method == "finetune":
         assert result["forgetting"] > 0.3, matrix  # the recency bias the other methods are measured against
+
+
+def test_cmoe_joint_holds_every_train_row_once_through_its_final_adapter(synthetic, tmp_path):
+    """The upper bound's analytic head: the statistics of rows seen in earlier tasks are dropped
+    when those rows come again, so the last head is the ridge fit of all rows under the last adapter."""
+    run(synthetic, tmp_path, "cmoe-joint")
+    model = load_model(next(tmp_path.glob("*/task-2")))[0].eval()
+    train = pq.read_table(synthetic).filter(pc.equal(pc.field("split"), "train"))
+    feats = {m: torch.tensor(train.column(m).to_pylist()) for m in ("a", "b")}
+    with torch.no_grad():
+        phi = model.ridge.features(model.ridge_input(feats, torch.ones(len(train), 2, dtype=torch.bool)))
+    torch.testing.assert_close(model.ridge.gram + model.ridge.gram_val, phi.T @ phi, rtol=1e-4, atol=1e-4)
 
 
 def test_each_bench_sequence_gets_its_own_methods_settings():

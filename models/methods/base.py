@@ -67,6 +67,9 @@ class ContinualModel(nn.Module):
     def accumulate(self, features, present, targets) -> None:
         pass
 
+    def forget_statistics(self) -> None:
+        """Drops what `accumulate` gathered in earlier tasks (a joint method sees those rows again)."""
+
     def end_task(self, reduce) -> None:
         pass
 

@@ -97,6 +97,10 @@ class CMoE(ContinualModel):
             features, present, targets = self.replayed(chunk.to(self.gaussians.counts.device), generator)
             self.ridge.accumulate(self.ridge_input(features, present), targets, shared=True)
 
+    def forget_statistics(self) -> None:
+        if self.ridge is not None:
+            self.ridge.forget()
+
     def accumulate(self, features, present, targets) -> None:
         if self.gaussians is not None:
             self.gaussians.accumulate(self.standardizer(features), present, targets)
