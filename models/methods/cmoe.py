@@ -152,7 +152,9 @@ class CMoE(ContinualModel):
     def objective(self, features, present, targets, w: LossWeights, old_model=None, seen_before: int = 0):
         """Loss terms for one batch. `targets` index the head; classes < seen_before are old. With
         class Gaussians, the batch is joined by rows drawn from earlier tasks' classes, as many per
-        class as the batch has per class."""
+        class as the batch has per class; alignment reads only the real rows, whose modalities come
+        from one sample (a drawn row's modalities share its class Gaussian, not a sample)."""
+        real = len(targets)
         if self.gaussians is not None and len(self.gaussians):
             per_class = len(targets) / len(targets.unique())
             drawn = self.replayed(self.gaussians.draw(round(per_class * len(self.gaussians.labels.unique()))))
@@ -161,7 +163,7 @@ class CMoE(ContinualModel):
         out = self.adapter_outputs(features, present)
         terms = {"ce": F.cross_entropy(out["cosine_logits"], targets)}
         if w.align:
-            terms["align"] = losses.alignment(out["z_m"], present, w.align_temperature)
+            terms["align"] = losses.alignment(out["z_m"][:real], present[:real], w.align_temperature)
         if w.bal:
             terms["bal"] = self.encoder.balance_loss()
         if old_model is not None:
