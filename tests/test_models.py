@@ -118,6 +118,19 @@ def test_objective_adds_distillation_and_relation_with_a_previous_model():
     assert set(first) == {"ce"}
 
 
+def test_alignment_reads_the_real_rows_not_those_drawn_from_class_gaussians():
+    """A drawn row's modalities share its class's Gaussian, not one sample: nothing to align."""
+    torch.manual_seed(0)
+    model = CMoE(DIMS, dim=16, heads=2, num_experts=3, top_k=2, bottleneck=4, projection=32, class_gaussians=4)
+    _fitted(model, [(3, batch(n=12))])
+    model.begin_task(4)
+    model.eval()
+    feats, present, _ = batch(n=6, seed=1)
+    _, terms = model.objective(feats, present, torch.full((6,), 3), LossWeights(bal=0))
+    expected = losses.alignment(model.forward_features(feats, present)[0], present, LossWeights.align_temperature)
+    assert len(model.gaussians) == 3 and torch.isclose(torch.tensor(terms["align"]), expected)
+
+
 def test_cosine_head_grows_and_keeps_old_rows():
     head = CosineClassifier(8, 2)
     old = head.weight.detach().clone()
