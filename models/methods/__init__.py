@@ -35,8 +35,9 @@ METHODS = {
     "joint": Method("cmoe", "upper bound: each task trains on every task's data so far", loss=GRADIENT_ONLY,
                     model=COSINE, joint=True),
     "cmoe-joint": Method("cmoe", "cmoe's upper bound: each task trains the adapter on every task's real rows so "
-                                 "far and refits the analytic head on all of them; no distillation or relations",
-                         loss={"kd": 0.0, "rel": 0.0}, model={"class_gaussians": 0}, joint=True),
+                                 "far and refits the analytic head on all of them; nothing that guards against "
+                                 "forgetting (distillation, relations, expert freezing, class Gaussians)",
+                         loss={"kd": 0.0, "rel": 0.0}, model={"class_gaussians": 0, "freeze_per_task": 0}, joint=True),
     "lwf": Method("cmoe", "learning without forgetting: cross-entropy + logit distillation",
                   loss={"rel": 0.0, "align": 0.0}, model=COSINE),
     "ewc": Method("ewc", "elastic weight consolidation: cross-entropy + Fisher-weighted pull to earlier weights",
