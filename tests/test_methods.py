@@ -35,7 +35,7 @@ def test_every_method_learns_each_task(method, synthetic, tmp_path):
 
 
 def test_cmoe_joint_holds_every_train_row_once_through_its_final_adapter(synthetic, tmp_path):
-    """The upper bound's analytic head: the statistics of rows seen in earlier tasks are dropped
+    """The joint reference's analytic head: the statistics of rows seen in earlier tasks are dropped
     when those rows come again, so the last head is the ridge fit of all rows under the last adapter."""
     run(synthetic, tmp_path, "cmoe-joint")
     model = load_model(next(tmp_path.glob("*/task-2")))[0].eval()

@@ -1,7 +1,7 @@
 """Continual-learning methods by name: the project's method, its baselines and its ablations.
 
 A method is a model family plus what it changes in the config (loss weights, model settings)
-and whether each task trains on every task's data so far (`joint`, the upper bound).
+and whether each task trains on every task's data so far (`joint`: the joint references).
 """
 import inspect
 from dataclasses import dataclass, field
@@ -32,9 +32,9 @@ METHODS = {
                            "every task with rows drawn from earlier classes' Gaussians; analytic head over "
                            "[frozen features, adapter output]"),
     "finetune": Method("cmoe", "the same network trained with cross-entropy only", loss=GRADIENT_ONLY, model=COSINE),
-    "joint": Method("cmoe", "upper bound: each task trains on every task's data so far", loss=GRADIENT_ONLY,
+    "joint": Method("cmoe", "joint reference: each task trains on every task's data so far", loss=GRADIENT_ONLY,
                     model=COSINE, joint=True),
-    "cmoe-joint": Method("cmoe", "cmoe's upper bound: each task trains the adapter on every task's real rows so "
+    "cmoe-joint": Method("cmoe", "cmoe's joint reference: each task trains the adapter on every task's real rows so "
                                  "far and refits the analytic head on all of them; nothing that guards against "
                                  "forgetting (distillation, relations, expert freezing, class Gaussians)",
                          loss={"kd": 0.0, "rel": 0.0}, model={"class_gaussians": 0, "freeze_per_task": 0}, joint=True),
