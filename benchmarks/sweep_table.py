@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench import verdict
+
 
 def trials(folder: Path, label: str) -> list[dict]:
     out = []
@@ -45,11 +47,10 @@ def main(args: list[str]) -> None:
         acc = np.array([by_seed[s]["val_avg_acc"] for s in seeds])
         diff = acc - np.array([rows[reference][s]["val_avg_acc"] for s in seeds])
         spread = diff.std(ddof=1) if len(diff) > 1 else 0.0
-        verdict = "-" if name == reference else f"{diff.mean():+.3f} ± {spread:.3f} " + (
-            "(one seed)" if len(diff) < 2 else "tie" if abs(diff.mean()) <= spread else
-            "better" if diff.mean() > 0 else "worse")
+        paired = "-" if name == reference else (
+            f"{diff.mean():+.3f} ± {spread:.3f} {verdict(diff.mean(), spread, len(diff))}")
         inc = np.mean([by_seed[s]["val_avg_inc_acc"] for s in seeds])
-        print(f"| {name} | {len(seeds)} | {acc.mean():.3f} | {inc:.3f} | {verdict} | "
+        print(f"| {name} | {len(seeds)} | {acc.mean():.3f} | {inc:.3f} | {paired} | "
               f"{', '.join(f'{d:+.3f}' for d in diff)} |")
 
 

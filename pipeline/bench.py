@@ -128,18 +128,22 @@ def summarize_bench(base: RunConfig, methods: list[str], seeds: int, results: li
                      for r in results]}
 
 
-def paired_verdict(row: dict, reference: str) -> str:
-    """`better`/`worse` when the mean paired difference exceeds its spread over seeds, else `tie`;
-    `reference` for the reference itself, `(one seed)` when there is no spread."""
-    key = f"avg_acc_diff_vs_{reference}"
-    if f"{key}_mean" not in row:
-        return "reference"
-    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-    if len(row["seeds"]) < 2:
+def verdict(mean: float, std: float, seeds: int) -> str:
+    """`better`/`worse` when a mean paired difference exceeds its spread over seeds, else `tie`;
+    `(one seed)` when there is no spread."""
+    if seeds < 2:
         return "(one seed)"
     if abs(mean) <= std:
         return "tie"
     return "better" if mean > 0 else "worse"
+
+
+def paired_verdict(row: dict, reference: str) -> str:
+    """A bench row's `verdict` against `reference`; `reference` for the reference itself."""
+    key = f"avg_acc_diff_vs_{reference}"
+    if f"{key}_mean" not in row:
+        return "reference"
+    return verdict(row[f"{key}_mean"], row[f"{key}_std"], len(row["seeds"]))
 
 
 def markdown(summary: dict) -> str:

@@ -89,7 +89,7 @@ def two_nodes():
                 if len(ray_list("nodes", url, "state=ALIVE")) == 2:
                     break
             except subprocess.CalledProcessError as e:  # the state API can lag the dashboard's first answer
-                refused = e.stderr.strip().splitlines()[-1:] if e.stderr else ""
+                refused = (e.stderr or "").strip().rpartition("\n")[2]
             time.sleep(0.5)
         else:
             pytest.fail(f"the second node did not join {refused}")
