@@ -28,18 +28,22 @@ def test_every_method_learns_each_task(method, synthetic, tmp_path):
     result = run(synthetic, tmp_path, method)
     matrix = result["acc_matrix"]
     assert len(matrix) == 3 and all(matrix[i][i] > 0.8 for i in range(3)), matrix  # chance 0.5 within a task
-    if method in ("ranpac", "simplecil", "joint", "cmoe", "cmoe-joint"):
+    if method in ("ranpac", "simplecil", "joint", "cmoe", "cmoe-joint", "cmoe-joint-gaussians"):
         assert result["avg_acc"] > 0.85, matrix  # nothing to forget, old classes' Gaussians, or every task's data
     if method == "finetune":
         assert result["forgetting"] > 0.3, matrix  # the recency bias the other methods are measured against
 
 
-def test_cmoe_joint_holds_every_train_row_once_through_its_final_adapter(synthetic, tmp_path):
-    """The joint reference's analytic head: the statistics of rows seen in earlier tasks are dropped
-    when those rows come again, so the last head is the ridge fit of all rows under the last adapter."""
-    run(synthetic, tmp_path, "cmoe-joint")
+@pytest.mark.parametrize("method", ["cmoe-joint", "cmoe-joint-gaussians"])
+def test_cmoe_joint_holds_every_train_row_once_through_its_final_adapter(method, synthetic, tmp_path):
+    """The joint references' analytic head: the statistics of rows seen in earlier tasks are dropped
+    when those rows come again, so the last head is the ridge fit of all rows under the last adapter
+    (no drawn rows), and each class keeps one Gaussian, of all its rows."""
+    run(synthetic, tmp_path, method)
     model = load_model(next(tmp_path.glob("*/task-2")))[0].eval()
     train = pq.read_table(synthetic).filter(pc.equal(pc.field("split"), "train"))
+    if model.gaussians is not None:
+        assert sorted(model.gaussians.labels.tolist()) == list(range(6)) and model.gaussians.counts.tolist() == [30] * 6
     feats = {m: torch.tensor(train.column(m).to_pylist()) for m in ("a", "b")}
     with torch.no_grad():
         phi = model.ridge.features(model.ridge_input(feats, torch.ones(len(train), 2, dtype=torch.bool)))

@@ -38,6 +38,9 @@ METHODS = {
                                  "far and refits the analytic head on all of them; nothing that guards against "
                                  "forgetting (distillation, relations, expert freezing, class Gaussians)",
                          loss={"kd": 0.0, "rel": 0.0}, model={"class_gaussians": 0, "freeze_per_task": 0}, joint=True),
+    "cmoe-joint-gaussians": Method("cmoe", "cmoe-joint with cmoe's class Gaussians: rows drawn from every earlier "
+                                           "class's Gaussian (re-estimated on all its rows so far) join each batch",
+                                   loss={"kd": 0.0, "rel": 0.0}, model={"freeze_per_task": 0}, joint=True),
     "lwf": Method("cmoe", "learning without forgetting: cross-entropy + logit distillation",
                   loss={"rel": 0.0, "align": 0.0}, model=COSINE),
     "ewc": Method("ewc", "elastic weight consolidation: cross-entropy + Fisher-weighted pull to earlier weights",
