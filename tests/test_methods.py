@@ -7,6 +7,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from models.methods import METHODS, settings_read
 from pipeline.bench import sequence_configs
@@ -28,7 +30,7 @@ def test_every_method_learns_each_task(method, synthetic, tmp_path):
     result = run(synthetic, tmp_path, method)
     matrix = result["acc_matrix"]
     assert len(matrix) == 3 and all(matrix[i][i] > 0.8 for i in range(3)), matrix  # chance 0.5 within a task
-    if method in ("ranpac", "simplecil", "joint", "cmoe", "cmoe-joint", "cmoe-joint-gaussians"):
+    if method in ("ranpac", "simplecil", "joint", "cmoe", "cmoe-joint", "cmoe-joint-gaussians", "joint-logistic"):
         assert result["avg_acc"] > 0.85, matrix  # nothing to forget, old classes' Gaussians, or every task's data
     if method == "finetune":
         assert result["forgetting"] > 0.3, matrix  # the recency bias the other methods are measured against
@@ -48,6 +50,22 @@ def test_cmoe_joint_holds_every_train_row_once_through_its_final_adapter(method,
     with torch.no_grad():
         phi = model.ridge.features(model.ridge_input(feats, torch.ones(len(train), 2, dtype=torch.bool)))
     torch.testing.assert_close(model.ridge.gram + model.ridge.gram_val, phi.T @ phi, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_joint_logistic_is_scikit_learns_fit_of_every_train_row_on_one_or_two_workers(synthetic, tmp_path, ray_local):
+    """Its last head is scikit-learn's default logistic regression on all train rows (tokens
+    pooled, features standardised), whether one process holds the rows or two Ray workers do."""
+    run(synthetic, tmp_path / "local", "joint-logistic")
+    run(synthetic, tmp_path / "ray", "joint-logistic", "executor=ray", "train.num_workers=2", "train.cpus_per_worker=0.5")
+    local, on_ray = (load_model(next((tmp_path / d).glob("*/task-2")))[0] for d in ("local", "ray"))
+    torch.testing.assert_close(on_ray.weight, local.weight, rtol=1e-4, atol=1e-4)
+    train = pq.read_table(synthetic).filter(pc.equal(pc.field("split"), "train")).to_pandas()
+    x = StandardScaler().fit_transform(np.hstack([np.stack(train[m]) for m in ("a", "b")]))
+    tasks = json.loads(next((tmp_path / "local").glob("*/state.json")).read_text())["tasks"]
+    head_row_of_class = np.argsort([c for t in tasks for c in t["classes"]])
+    reference = LogisticRegression(max_iter=3000, tol=1e-8).fit(x, train.label)
+    np.testing.assert_allclose(local.weight.T.numpy()[head_row_of_class], reference.coef_, rtol=1e-2, atol=1e-2)
 
 
 def test_each_bench_sequence_gets_its_own_methods_settings():

@@ -10,9 +10,11 @@ from models.losses import LossWeights
 from models.methods.analytic import PrototypeHead, RidgeHead
 from models.methods.base import ContinualModel
 from models.methods.cmoe import CMoE
+from models.methods.logistic import LogisticHead
 from models.methods.regularized import EWC, Replay
 
-FAMILIES = {"cmoe": CMoE, "ridge": RidgeHead, "prototype": PrototypeHead, "ewc": EWC, "replay": Replay}
+FAMILIES = {"cmoe": CMoE, "ridge": RidgeHead, "prototype": PrototypeHead, "ewc": EWC, "replay": Replay,
+            "logistic": LogisticHead}
 GRADIENT_ONLY = {"kd": 0.0, "rel": 0.0, "align": 0.0}
 COSINE = {"head": "cosine", "freeze_per_task": 0, "class_gaussians": 0}  # the baselines' gradient-trained head
 
@@ -41,6 +43,8 @@ METHODS = {
     "cmoe-joint-gaussians": Method("cmoe", "cmoe-joint with cmoe's class Gaussians: rows drawn from every earlier "
                                            "class's Gaussian (re-estimated on all its rows so far) join each batch",
                                    loss={"kd": 0.0, "rel": 0.0}, model={"freeze_per_task": 0}, joint=True),
+    "joint-logistic": Method("logistic", "joint reference: multinomial logistic regression on the frozen features "
+                                         "of every task's rows so far, fitted to convergence", joint=True),
     "lwf": Method("cmoe", "learning without forgetting: cross-entropy + logit distillation",
                   loss={"rel": 0.0, "align": 0.0}, model=COSINE),
     "ewc": Method("ewc", "elastic weight consolidation: cross-entropy + Fisher-weighted pull to earlier weights",
