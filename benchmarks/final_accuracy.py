@@ -23,7 +23,7 @@ def main() -> None:
     columns = {"label": table.label.to_numpy(), "domain": table.domain.astype(str).to_numpy()}
     test = table.split.to_numpy() == "test"
     by_method = {}
-    for run in bench["runs"]:
+    for run in sorted(bench["runs"], key=lambda r: r["seed"]):
         scenario = make_scenario(bench["scenario"], columns["label"], columns["domain"], bench["num_tasks"],
                                  run["seed"])
         sizes = [np.isin(columns[column][test], values).sum()
