@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, RunConfig, config_from_dict, load_config
+from models.methods import METHODS
+from pipeline.config import ConfigError, RunConfig, changed_settings, config_from_dict, load_config
 from pipeline.data import DataError, load_data
 from pipeline.driver import hold_out_validation
 from pipeline.evaluate import summarize
@@ -107,6 +108,18 @@ def test_bench_keeps_the_config_files_executor_unless_one_is_typed(tmp_path, mon
 def test_each_shipped_sweep_config_loads(path):
     cfg, sweep = load_sweep(str(path))
     assert sweep.space
+
+
+VALIDATED = {"tuxpaint": "cmoe-one-adapter", "av-digits": "cmoe-no-align"}  # the ablation validation chose
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_benchmark_config_is_cmoe_with_the_settings_validation_chose(path):
+    cfg = load_config(path)
+    assert cfg.benchmark == path.stem and cfg.method == "cmoe"
+    chosen = METHODS[VALIDATED[cfg.benchmark]]
+    assert changed_settings(cfg) == {**{f"model.{k}": v for k, v in chosen.model.items()},
+                                     **{f"loss.{k}": v for k, v in chosen.loss.items()}}
 
 
 @pytest.mark.parametrize("override, message", [
