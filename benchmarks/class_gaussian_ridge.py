@@ -8,7 +8,7 @@ that keeps training could refit its head from stored class statistics instead of
 """
 import numpy as np
 
-from modality_accuracy import pooled_features  # this folder's script
+from modality_accuracy import pooled_features, scaled_per_modality  # this folder's script
 
 RIDGES = (0.1, 1.0, 10.0, 100.0)
 
@@ -29,11 +29,7 @@ def class_gaussian_samples(x, labels, rank, per_class, rng):
 def main() -> None:
     name, pooled, labels, split, _ = pooled_features(__doc__)
     train, test = split == "train", split == "test"
-    blocks = []
-    for x in pooled.values():
-        centred = x - x[train].mean(0)
-        blocks.append(centred / np.sqrt((centred[train] ** 2).sum(1).mean()))
-    x = np.concatenate(blocks, 1)
+    x = scaled_per_modality(pooled, train)
     rng = np.random.default_rng(0)
     projection = rng.standard_normal((x.shape[1], 2048)) / np.sqrt(x.shape[1])
     classes = int(labels.max()) + 1

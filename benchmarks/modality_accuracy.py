@@ -18,8 +18,9 @@ from pipeline.driver import prepare_data
 from pipeline.runtime import quiet_logs
 
 
-def pooled_features(description: str):
-    """(benchmark name, {modality: pooled features}, labels, split) for the command line's benchmark."""
+def pooled_features(description: str, extra: str | None = None):
+    """(benchmark name, {modality: pooled features}, labels, split, domain[, the column `extra`]) for
+    the command line's benchmark."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--benchmark", default="av-digits")
     parser.add_argument("overrides", nargs="*")
@@ -31,7 +32,17 @@ def pooled_features(description: str):
     print(f"features ready in {time.time() - started:.1f}s")
     feats, _, labels = batch_to_arrays({c: data.column(c) for c in ["label", *data.modalities]}, data.modalities)
     return (cfg.benchmark, {m: x.mean(1) if x.ndim == 3 else x for m, x in feats.items()}, labels,
-            data.column("split"), data.column("domain"))
+            data.column("split"), data.column("domain"), *([data.column(extra)] if extra else []))
+
+
+def scaled_per_modality(pooled: dict, train: np.ndarray) -> np.ndarray:
+    """The methods' input: each modality centred on the train rows and scaled to unit mean squared
+    norm there, modalities concatenated."""
+    blocks = []
+    for x in pooled.values():
+        centred = x - x[train].mean(0)
+        blocks.append(centred / np.sqrt((centred[train] ** 2).sum(1).mean()))
+    return np.concatenate(blocks, 1)
 
 
 def main() -> None:
