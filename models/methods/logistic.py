@@ -46,7 +46,8 @@ class LogisticHead(ContinualModel):
         y = torch.cat(labels) if labels else self.bias.new_zeros(0, dtype=torch.long)
         n = reduce(x.new_tensor([len(x)]))
         self.mean = reduce(x.sum(0)) / n
-        self.scale = (reduce(x.pow(2).sum(0)) / n - self.mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
+        std = (reduce(x.pow(2).sum(0)) / n - self.mean.pow(2)).clamp_min(0).sqrt()
+        self.scale = torch.where(std > 1e-8, std, torch.ones_like(std))  # constant features: as scikit-learn
         x = (x - self.mean) / self.scale
         weight, bias = torch.zeros_like(self.weight, requires_grad=True), torch.zeros_like(self.bias, requires_grad=True)
         optimizer = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, history_size=20,
