@@ -43,7 +43,6 @@ class CMoE(ContinualModel):
             if head == "analytic" else None
         self.gaussians = ClassGaussians(class_gaussians, len(modality_dims)) if class_gaussians else None
         self.register_buffer("tasks_done", torch.zeros((), dtype=torch.long))
-        self._rows_again = False
 
     @property
     def head_size(self) -> int:
@@ -53,7 +52,6 @@ class CMoE(ContinualModel):
         return {"num_classes": self.head_size, "num_experts": self.encoder.moe_layers[0].num_experts}
 
     def begin_task(self, head_size: int) -> None:
-        self._rows_again = False
         later_task = self.head.num_classes > 0
         self.head.grow(head_size - self.head.num_classes)
         if self.ridge is not None:
@@ -70,7 +68,7 @@ class CMoE(ContinualModel):
         self.freeze_most_used_experts([reduce(m.routing_mass.clone()) for m in self.encoder.moe_layers],
                                       self.freeze_per_task)
         if self.ridge is not None:
-            if self.gaussians is not None and len(self.gaussians) and self.adapting and not self._rows_again:
+            if self.gaussians is not None and len(self.gaussians) and self.adapting and not self.gaussians.replacing:
                 self.refit_ridge_inputs()
             self.ridge.end_task(reduce)
         if self.gaussians is not None:
@@ -102,7 +100,6 @@ class CMoE(ContinualModel):
     def forget_statistics(self) -> None:
         """The head is fitted on this task's rows alone, which hold every earlier one (no drawn rows
         join them); the class Gaussians are re-estimated from them."""
-        self._rows_again = True
         if self.ridge is not None:
             self.ridge.forget()
         if self.gaussians is not None:

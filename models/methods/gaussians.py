@@ -28,7 +28,7 @@ class ClassGaussians(nn.Module):
         self.register_buffer("presence", torch.zeros(0, 0))  # per entry and modality: fraction present
         self.register_buffer("shapes", torch.zeros(0, 2, dtype=torch.long))  # per modality: tokens (0: none), width
         self._task = None
-        self._replace = False
+        self.replacing = False  # this task's entries replace the earlier ones (see `forget`)
         self._omegas = {}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -42,12 +42,12 @@ class ClassGaussians(nn.Module):
 
     def begin_task(self) -> None:
         self._task = {}
-        self._replace = False
+        self.replacing = False
 
     def forget(self) -> None:
         """This task's rows include every earlier task's: its entries replace all earlier ones at
         `end_task` (draws until then still come from the earlier ones)."""
-        self._replace = True
+        self.replacing = True
 
     def _flatten(self, features: dict, present: torch.Tensor) -> torch.Tensor:
         if not len(self.shapes):
@@ -87,9 +87,10 @@ class ClassGaussians(nn.Module):
         """Reduces this task's sums over workers (every worker reduces every class of the head, in
         order, whether or not it saw rows of it) and appends one entry per class that had rows."""
         task, self._task = self._task, None
-        if self._replace:
-            for name in self.BUFFERS[:-1]:
-                setattr(self, name, getattr(self, name)[:0])
+        if self.replacing:  # the feature shapes stay
+            for name in self.BUFFERS:
+                if name != "shapes":
+                    setattr(self, name, getattr(self, name)[:0])
         device = self.means.device
         seen = reduce(torch.tensor([float(c in task) for c in range(head_size)], device=device))
         # A worker that has had no rows yet learns the feature shapes from the others.
