@@ -31,6 +31,11 @@ def grow_buffers(module: nn.Module, names, extra: int, dim: int) -> None:
         setattr(module, name, torch.cat([old, old.new_zeros(shape)], dim))
 
 
+def held_out(x: torch.Tensor) -> torch.Tensor:
+    """The rows whose fit chooses the ridge strength: about one in HOLDOUT_EVERY, by content."""
+    return (x.double().sum(1) * 1e3).floor().remainder(HOLDOUT_EVERY) == 0
+
+
 class RidgeStatistics(nn.Module):
     """A random ReLU projection of input vectors and a ridge head fitted from running sums."""
 
@@ -59,7 +64,7 @@ class RidgeStatistics(nn.Module):
         holds alike (drawn from stored statistics), counted once."""
         phi = self.features(x)
         y = F.one_hot(targets, self.num_classes).double()
-        holdout = (x.double().sum(1) * 1e3).floor().remainder(HOLDOUT_EVERY) == 0
+        holdout = held_out(x)
         into = {k: getattr(self, k) for k in SUMS} if shared else self._task  # in place either way
         for mask, suffix in ((~holdout, ""), (holdout, "_val")):
             into["gram" + suffix] += phi[mask].T @ phi[mask]
