@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     quiet_logs(False)
-    data = prepare_data(load_config(None, [f"benchmark={args.benchmark}", *args.set])).data
+    data = prepare_data(load_config(None, [f"benchmark={args.benchmark}", *args.set])).load()
     columns = {c: data.column(c) for c in ["label", *data.modalities]}
     split = data.column("split")
     print("| sequence | head as trained | refit on Gaussian draws | refit on every train row (oracle) |\n|---|---|---|---|")

@@ -28,7 +28,7 @@ def pooled_features(description: str, extra: str | None = None):
     cfg = load_config(None, [f"benchmark={args.benchmark}", *args.overrides])
     quiet_logs(False)
     started = time.time()
-    data = prepare_data(cfg).data
+    data = prepare_data(cfg).load()
     print(f"features ready in {time.time() - started:.1f}s")
     feats, _, labels = batch_to_arrays({c: data.column(c) for c in ["label", *data.modalities]}, data.modalities)
     return (cfg.benchmark, {m: x.mean(1) if x.ndim == 3 else x for m, x in feats.items()}, labels,

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.data import FEATURES_MANIFEST, REQUIRED, DataError, MultiModalData, read_manifest
+from pipeline.data import FEATURES_MANIFEST, REQUIRED, DataError, MultiModalData, read_manifest, vector_widths
+
+FILE_ROWS = 16_384  # rows per file of a cache entry, at least (a write task's last file may hold fewer)
 
 
 class EncodeBatch:
@@ -65,11 +66,6 @@ def _hashable(value):
     return array.shape, array.tobytes()
 
 
-def _width(column) -> int:
-    """Floats per row of an encoded column (its encoder's tokens x dim)."""
-    return len(column.drop_null()[0])
-
-
 def _vectors(rows: list, width: int, nullable: bool) -> pa.Array:
     """Fixed-size lists (read back as 2-D arrays), or plain lists for a column with nulls: Parquet
     does not read back fixed-size lists with nulls (pyarrow 25)."""
@@ -113,9 +109,13 @@ def entry_folder(cache_dir: Path, data_path: str, key: str) -> Path:
 
 def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str, str], tokens: int,
                    cache_dir: str | Path, actors: int = 0, batch_size: int = 32, log=print) -> Path:
-    """The cache folder for `data` under its encoders, encoding it first if no complete entry exists."""
+    """The cache folder for `data` under its encoders, encoding it first if no complete entry exists.
+    Ray Data reads the data file, the actor pool encodes, write tasks write the entry's files: no row
+    passes through this process."""
     import ray
     import ray.data
+
+    from pipeline.streams import on_this_node
 
     specs = encoder_specs(data, chosen)
     key, identities = cache_key(data_fingerprint, specs, tokens)
@@ -125,33 +125,30 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
         return folder
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = actors or max(1, cpus // 2)
+    rows = data.table.num_rows
     tmp = Path(cache_dir) / f".building-{folder.name}-{uuid.uuid4().hex[:8]}"
-    log(f"Features: encoding {data.table.num_rows} rows ({', '.join(f'{c}: {s}' for c, s in specs.items())}) "
+    log(f"Features: encoding {rows} rows ({', '.join(f'{c}: {s}' for c, s in specs.items())}) "
         f"with {actors} actor(s) into {folder}")
     started = time.time()
-    options = ray.data.DataContext.get_current().execution_options
-    ordered, options.preserve_order = options.preserve_order, True  # the features in the data file's row order
     try:
-        blocks = max(4 * actors, data.table.num_rows // (8 * batch_size) or 1)  # the table is one block: spread it
-        # The rows go out from the driver and the features come back to it, so that only the driver's
-        # node needs the data file and the cache folder: a cluster's nodes share no disk.
-        ds = ray.data.from_arrow(data.table).repartition(min(blocks, data.table.num_rows)).map_batches(
-            EncodeBatch, fn_constructor_kwargs={"specs": specs, "tokens": tokens, "threads": 1, "nullable": [
-                c for c in data.kinds if data.table[c].null_count]},
+        # Blocks of a few batches, so that every actor has work and the stream keeps moving.
+        block = max(1, min(8 * batch_size, -(-rows // (4 * actors))))
+        ds = ray.data.read_parquet(data.path, file_extensions=["parquet"],
+                                   ray_remote_args=on_this_node(data.path)).repartition(
+            target_num_rows_per_block=block).map_batches(
+            EncodeBatch, fn_constructor_kwargs={"specs": specs, "tokens": tokens, "threads": 1,
+                                                "nullable": data.nullable},
             batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=1)
+        ds.context.execution_options.preserve_order = True  # the files in the data file's row order
         tmp.mkdir(parents=True)
-        writer, widths = None, {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer = writer or pq.ParquetWriter(tmp / "features.parquet", batch.schema)
-            writer.write_table(batch)
-            widths.update({c: _width(batch[c]) for c in specs if c not in widths and batch[c].null_count < len(batch)})
-        writer.close()
-        modalities = {c: {"kind": "vector", "dim": len(data.table[c].drop_null()[0]), "tokens": 1}
+        ds.write_parquet(str(tmp), min_rows_per_file=FILE_ROWS, ray_remote_args=on_this_node(str(tmp)))
+        widths = vector_widths(str(tmp))
+        modalities = {c: {"kind": "vector", "dim": data.modalities[c], "tokens": 1}
                       for c, k in data.kinds.items() if k == "vector"}
         modalities.update({c: {"kind": data.kinds[c], "dim": widths.get(c, 0) // tokens, "tokens": tokens,
                                "encoder": identities[c]} for c, s in specs.items()})
         manifest = {"key": key, "source": str(Path(data.path).resolve()), "source_fingerprint": data_fingerprint,
-                    "rows": data.table.num_rows, "modalities": modalities, "seconds": round(time.time() - started, 1),
+                    "rows": rows, "modalities": modalities, "seconds": round(time.time() - started, 1),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / FEATURES_MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
@@ -160,9 +157,8 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
             if not read_manifest(folder):
                 raise
     finally:
-        options.preserve_order = ordered
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"Features: {data.table.num_rows} rows encoded in {time.time() - started:.0f}s")
+    log(f"Features: {rows} rows encoded in {time.time() - started:.0f}s")
     return folder
 
 

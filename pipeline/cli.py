@@ -89,18 +89,17 @@ def _sweep(args) -> int:
 
 
 def _validate(args) -> int:
-    from pipeline.data import DataError, read_parquet, validate_table
+    from pipeline.data import DataError, check_source
 
     try:
-        table = read_parquet(args.path)
+        data, problems = check_source(args.path)
     except DataError as e:
         print(f"error: {e}")
         return 1
-    problems = validate_table(table, args.path)
     for p in problems:
         print(p)
     errors = sum(p.level == "error" for p in problems)
-    print(f"{args.path}: {table.num_rows} rows, {errors} error(s), {len(problems) - errors} warning(s)")
+    print(f"{args.path}: {data.table.num_rows} rows, {errors} error(s), {len(problems) - errors} warning(s)")
     return 1 if errors else 0
 
 
@@ -150,11 +149,11 @@ def _cache_build(args) -> int:
         cfg = _cache_config(args)
         quiet_logs(args.verbose)
         path = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
+        init_ray(cfg, args.verbose)
         data = load_data(path)
         if not data.needs_encoding:
             print(f"{path}: only vector columns, nothing to encode")
             return 0
-        init_ray(cfg, args.verbose)
         build_features(data, data_fingerprint(path), cfg.encoders, cfg.encoder_tokens, cfg.cache_dir(),
                        cfg.cache.actors, cfg.cache.batch_size)
     except (ConfigError, DataError) as e:

@@ -44,6 +44,8 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 1  # worker failures a fit recovers from (from the latest epoch checkpoint); -1: any
     val_fraction: float = 0.0  # of each class's train rows held out for validation when no 'val' rows exist
+    hold_mb: float = 1024  # a worker's share of a task's rows (or of the val and test rows) is held in memory
+    # up to this many MiB, else streamed from the source on every pass (0: always streamed)
 
 
 @dataclass
@@ -243,6 +245,7 @@ RANGES = {
     "train.weight_decay": (0, None, True), "train.num_workers": (0, None, True),
     "train.cpus_per_worker": (0, None, True), "train.bucket_size": (1, None, True),
     "train.max_failures": (-1, None, True), "train.val_fraction": (0, 1, True),
+    "train.hold_mb": (0, None, True),
     "model.dim": (1, None, True), "model.blocks": (1, None, True), "model.heads": (1, None, True),
     "model.num_experts": (1, None, True), "model.bottleneck": (1, None, True), "model.dropout": (0, 1, True),
     "model.freeze_per_task": (0, None, True), "model.experts_per_task": (0, None, True),

@@ -117,22 +117,31 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
     """Every problem found, each naming the file, column and rows (0-based row numbers).
 
     `kinds` overrides the modality kinds read from the column types (a feature cache's are vectors)."""
+    kinds = kinds if kinds is not None else modality_columns(table)
+    problems = check_columns(table, table.schema, file, kinds)
+    found = check_modalities(table, file, kinds, expected_widths(table, kinds))
+    return problems + found["problems"] + numbers_as_text(file, kinds, [found])
+
+
+def check_columns(table: pa.Table, schema: pa.Schema, file: str, kinds: dict[str, str]) -> list[Problem]:
+    """The checks of the schema and of the plan's columns (`table` holds at least those of them
+    the file has): required columns, ids, groups, labels, splits."""
     problems: list[Problem] = []
     err = lambda col, rows, msg: problems.append(Problem("error", file, col, rows, msg))  # noqa: E731
     warn = lambda col, rows, msg: problems.append(Problem("warning", file, col, rows, msg))  # noqa: E731
     ok = set()
     for col, want in REQUIRED.items():
-        if col not in table.column_names:
+        if col not in schema.names:
             err(col, [], "required column is missing")
-        elif not _type_ok(table.schema.field(col).type, want):
-            err(col, [], f"must be {want}, found {table.schema.field(col).type}")
+        elif not _type_ok(schema.field(col).type, want):
+            err(col, [], f"must be {want}, found {schema.field(col).type}")
         elif table[col].null_count:
             err(col, _rows(table[col].is_null()), "null values in a required column")
         else:
             ok.add(col)
     for col, want in RESERVED.items():
-        if col in table.column_names and not _type_ok(table.schema.field(col).type, want):
-            err(col, [], f"must be {want}, found {table.schema.field(col).type}")
+        if col in schema.names and not _type_ok(schema.field(col).type, want):
+            err(col, [], f"must be {want}, found {schema.field(col).type}")
     if "sample_id" in ok:
         ids = np.asarray(table["sample_id"].to_pylist(), dtype=object)
         _, first, counts = np.unique(ids, return_index=True, return_counts=True)
@@ -141,39 +150,18 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
             err("sample_id", _rows(repeated), f"{int((counts > 1).sum())} sample_id value(s) used by several rows")
     if "group" in table.column_names and table["group"].null_count:
         err("group", _rows(table["group"].is_null()), "null group (give each row one, or drop the column)")
-    kinds = kinds if kinds is not None else modality_columns(table)
-    for col in table.column_names:
+    for col in schema.names:
         if col not in REQUIRED and col not in RESERVED and col not in kinds:
-            err(col, [], f"type {table.schema.field(col).type} is not a modality (image or audio: binary; "
+            err(col, [], f"type {schema.field(col).type} is not a modality (image or audio: binary; "
                          "text: string; vector or audio samples: list<float>; timeseries: "
                          "list<list<float>>)")
     for col, kind in kinds.items():
-        arr = table[col].combine_chunks()
-        valid = ~np.asarray(arr.is_null())
-        if kind == "text" and valid.any() and all(NUMBERS.match(v) for v in arr.drop_null().to_pylist()):
-            warn(col, [], "every value is a number written as text, so it is encoded as text; a vector is a "
-                          "list<float> column (pa.list_(pa.float32()))")
-        if kind == "vector":
-            _check_vectors(arr, valid, col, err)
-        elif kind == "timeseries":
-            _check_series(arr, valid, col, err)
-        elif kind == "image":
-            _check_decodes(arr, valid, col, err, _decode_image_header)
-        elif kind == "audio":
-            if "sample_rate" not in table.column_names and not pa.types.is_binary(arr.type):
-                err(col, [], "audio given as samples needs a 'sample_rate' column")
-            elif pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-                _check_decodes(arr, valid, col, err, _decode_audio_header)
-            else:
-                _check_vectors(arr, valid, col, err, same_length=False)
-        if not valid.all():
-            warn(col, _rows(~valid), "modality missing (null); the adapter masks it out")
+        dtype = schema.field(col).type
+        if kind == "audio" and "sample_rate" not in schema.names and not (
+                pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)):
+            err(col, [], "audio given as samples needs a 'sample_rate' column")
     if not kinds:
         err(None, [], "no modality column found")
-    elif table.num_rows:
-        none = np.logical_and.reduce([np.asarray(table[c].is_null()) for c in kinds])
-        if none.any():
-            err(None, _rows(none), "every modality is null in these rows")
     if {"label", "label_name"} <= ok:
         _check_labels(table, err)
     if "split" in ok:
@@ -196,12 +184,69 @@ def validate_table(table: pa.Table, file: str, kinds: dict[str, str] | None = No
     return problems
 
 
-def _check_vectors(arr, valid, col, err, same_length=True):
+def expected_widths(table: pa.Table, kinds: dict[str, str]) -> dict[str, int]:
+    """The length every vector (and every time step of a series) of a column should have: the most
+    common one in `table` (all rows, or the first rows of a large file)."""
+    out = {}
+    for col, kind in kinds.items():
+        if kind not in ("vector", "timeseries"):
+            continue
+        arr = table[col].combine_chunks().drop_null()
+        if kind == "timeseries":
+            arr = arr.flatten().drop_null()
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        out[col] = int(np.bincount(lengths.astype(int)).argmax()) if len(lengths) else 0
+    return out
+
+
+def check_modalities(table: pa.Table, file: str, kinds: dict[str, str], widths: dict[str, int],
+                     offset: int = 0) -> dict:
+    """The checks of the modality columns of some rows of `file`, the first being row `offset`:
+    {"problems", "numbers": text columns whose every value here is a number, "nulls": per column}."""
+    problems: list[Problem] = []
+    at = lambda rows: [r + offset for r in rows]  # noqa: E731
+    err = lambda col, rows, msg: problems.append(Problem("error", file, col, at(rows), msg))  # noqa: E731
+    warn = lambda col, rows, msg: problems.append(Problem("warning", file, col, at(rows), msg))  # noqa: E731
+    numbers, nulls = [], {}
+    for col, kind in kinds.items():
+        arr = table[col].combine_chunks()
+        valid = ~np.asarray(arr.is_null())
+        nulls[col] = int((~valid).sum())
+        if kind == "text" and valid.any() and all(NUMBERS.match(v) for v in arr.drop_null().to_pylist()):
+            numbers.append(col)
+        if kind == "vector":
+            _check_vectors(arr, valid, col, err, widths.get(col))
+        elif kind == "timeseries":
+            _check_series(arr, valid, col, err, widths.get(col))
+        elif kind == "image":
+            _check_decodes(arr, valid, col, err, _decode_image_header)
+        elif kind == "audio":
+            if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+                _check_decodes(arr, valid, col, err, _decode_audio_header)
+            elif "sample_rate" in table.column_names:
+                _check_vectors(arr, valid, col, err, None)
+        if not valid.all():
+            warn(col, _rows(~valid), "modality missing (null); the adapter masks it out")
+    if kinds and table.num_rows:
+        none = np.logical_and.reduce([np.asarray(table[c].is_null()) for c in kinds])
+        if none.any():
+            err(None, _rows(none), "every modality is null in these rows")
+    return {"problems": problems, "numbers": numbers, "nulls": nulls}
+
+
+def numbers_as_text(file: str, kinds: dict[str, str], found: list[dict]) -> list[Problem]:
+    """The warning for a text column whose every value, in every part checked, is a number."""
+    return [Problem("warning", file, col, [], "every value is a number written as text, so it is encoded as text; "
+                                              "a vector is a list<float> column (pa.list_(pa.float32()))")
+            for col, kind in kinds.items() if kind == "text" and all(col in f["numbers"] for f in found)]
+
+
+def _check_vectors(arr, valid, col, err, expected: int | None):
+    """`expected`: the length every vector must have (None: any)."""
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     if not valid.any():
         return
-    if same_length:
-        expected = int(np.bincount(lengths[valid].astype(int)).argmax())
+    if expected is not None:
         bad = valid & (lengths != expected)
         if bad.any():
             err(col, _rows(bad), f"vector length differs from the column's {expected}")
@@ -214,9 +259,9 @@ def _check_vectors(arr, valid, col, err, same_length=True):
             err(col, sorted(set(row_of.tolist())), "NaN or infinite values")
 
 
-def _check_series(arr, valid, col, err):
-    """Each row a (time steps x channels) series: at least one step, every step with the column's
-    channel count, no null steps, finite values. Series may differ in length."""
+def _check_series(arr, valid, col, err, expected: int):
+    """Each row a (time steps x channels) series: at least one step, every step with `expected`
+    channels, no null steps, finite values. Series may differ in length."""
     steps = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     empty = valid & (np.nan_to_num(steps) == 0)
     if empty.any():
@@ -227,7 +272,6 @@ def _check_series(arr, valid, col, err):
         err(col, sorted(set(row_of_step[np.asarray(inner.is_null())].tolist())), "a null time step")
     channels = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
     if len(channels):
-        expected = int(np.bincount(np.nan_to_num(channels).astype(int)).argmax())
         bad = np.nan_to_num(channels) != expected
         if bad.any():
             err(col, sorted(set(row_of_step[bad].tolist())),
@@ -303,6 +347,7 @@ class MultiModalData:
     kinds: dict[str, str]
     modalities: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    nullable: list[str] = field(default_factory=list)  # modality columns null in some row
 
     @property
     def needs_encoding(self) -> bool:
@@ -345,24 +390,182 @@ def read_manifest(path: str | Path) -> dict | None:
 
 
 def load_data(path: str | Path) -> MultiModalData:
-    table = read_parquet(path)
-    manifest = read_manifest(path)
-    encoded = manifest["modalities"] if manifest else None
-    errors = [p for p in validate_table(table, str(path), encoded and {m: "vector" for m in encoded})
-              if p.level == "error"]
+    """A checked data set, holding only the plan's columns (`check_source`); a DataError lists its errors."""
+    data, problems = check_source(path)
+    errors = [p for p in problems if p.level == "error"]
     if errors:
-        listed = "\n  ".join(map(str, errors))
+        listed = "\n  ".join(map(str, errors[:20]))
         raise DataError(f"{path}: {len(errors)} problem(s); run `mmcl data validate {path}` for all:\n  {listed}")
+    return data
+
+
+PART_ROWS = 1024  # rows a check task holds at once
+HEAD_ROWS = 1024  # rows whose vectors set the length every vector of the column should have
+
+
+def parquet_files(path: str | Path) -> list[str]:
+    """The Parquet files of a file or folder, in order (names starting with _ or . left out, as pyarrow does)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_file():
+        return [str(path)]
+    return sorted(str(f) for f in path.rglob("*.parquet")
+                  if not any(part.startswith(("_", ".")) for part in f.relative_to(path).parts))
+
+
+def parquet_parts(path: str | Path | list[str]) -> list[dict]:
+    """The row groups of a Parquet file, folder or list of files, in order: file, row group, its
+    first row's number in the file, its rows."""
+    parts = []
+    for file in path if isinstance(path, list) else parquet_files(path):
+        meta, offset = pq.ParquetFile(file).metadata, 0
+        for g in range(meta.num_row_groups):
+            parts.append({"file": file, "row_group": g, "offset": offset, "rows": meta.row_group(g).num_rows})
+            offset += meta.row_group(g).num_rows
+    return parts
+
+
+def check_source(path: str | Path) -> tuple[MultiModalData, list[Problem]]:
+    """Every problem of a file or folder, reading only the schema and the plan's columns here: the
+    modality columns are checked part by part (a row group each), as Ray Data tasks when there are
+    several and this is a Ray driver, else in this process. Rows are numbered within each file."""
+    import pyarrow.dataset as pads
+
+    files, label = parquet_files(path), str(path)
+    try:
+        source = pads.dataset(files, format="parquet")
+        schema = source.schema
+        table = source.to_table(columns=[c for c in PLAN_COLUMNS if c in schema.names])
+        table = table.replace_schema_metadata(schema.metadata)
+        manifest = read_manifest(path) if Path(path).is_dir() else None
+        encoded = manifest["modalities"] if manifest else None
+        head = source.head(HEAD_ROWS, columns=[f.name for f in schema if f.name not in REQUIRED
+                                                and f.name not in RESERVED and _is_list(f.type)])
+        firsts = {f.name: source.scanner(columns=[f.name], filter=pc.field(f.name).is_valid()).head(1)[f.name]
+                  for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+    except (pa.ArrowInvalid, OSError) as e:
+        if "Expected all lists to be of size" in str(e):
+            raise DataError(_null_in_fixed_size_list(Path(files[0]))) from e
+        raise DataError(f"{path}: not a readable Parquet file or folder: {e}") from e
     if encoded:
-        return MultiModalData(str(path), table, {m: e["kind"] for m, e in encoded.items()},
-                              {m: e["dim"] for m, e in encoded.items()}, {m: e["tokens"] for m, e in encoded.items()})
-    kinds = modality_columns(table)
-    vectors = [m for m, k in kinds.items() if k == "vector"]
-    dims = {}
-    for m in vectors:
-        arr = table[m].drop_null()
-        dims[m] = len(arr[0]) if len(arr) else 0
-    return MultiModalData(str(path), table, kinds, dims, {m: 1 for m in vectors})
+        kinds = {m: "vector" for m in encoded}
+    else:
+        kinds = {}
+        for f in schema:
+            if f.name not in REQUIRED and f.name not in RESERVED:
+                first = firsts[f.name][0].as_py() if len(firsts.get(f.name, [])) else None
+                kind = modality_kind(f.name, f.type, first)
+                if kind:
+                    kinds[f.name] = kind
+    problems = check_columns(table, schema, label, kinds)
+    widths = expected_widths(head, kinds)
+    parts = parquet_parts(files)
+    starts = np.cumsum([0] + [sum(p["rows"] for p in parts if p["file"] == f) for f in files]).tolist()
+    names = {f: label if len(files) == 1 else f for f in files}
+    found = _check_parts(parts, kinds, widths, "sample_rate" in schema.names, names, label)
+    problems = _per_file(problems, files, starts, names) + [p for f in found for p in f["problems"]]
+    problems += numbers_as_text(label, kinds, found)
+    nulls = [m for m in kinds if sum(f["nulls"].get(m, 0) for f in found)]
+    if encoded:
+        return MultiModalData(label, table, {m: e["kind"] for m, e in encoded.items()},
+                              {m: e["dim"] for m, e in encoded.items()},
+                              {m: e["tokens"] for m, e in encoded.items()}, nulls), problems
+    vectors = {m: widths[m] for m, k in kinds.items() if k == "vector"}
+    return MultiModalData(label, table, kinds, vectors, {m: 1 for m in vectors}, nulls), problems
+
+
+def check_part(part: dict, kinds: dict[str, str], widths: dict[str, int], rates: bool, names: dict) -> dict:
+    """`check_modalities` over one row group, PART_ROWS at a time; the problems as dicts."""
+    file, found = part["file"], {"problems": [], "numbers": list(kinds), "nulls": {}}
+    columns = [*kinds, *(["sample_rate"] if rates else [])]
+    offset = part["offset"]
+    try:
+        batches = pq.ParquetFile(file).iter_batches(PART_ROWS, row_groups=[part["row_group"]], columns=columns)
+        for batch in batches:
+            one = check_modalities(pa.Table.from_batches([batch]), names[file], kinds, widths, offset)
+            found["problems"] += one["problems"]
+            found["numbers"] = [c for c in found["numbers"] if c in one["numbers"]]
+            for c, n in one["nulls"].items():
+                found["nulls"][c] = found["nulls"].get(c, 0) + n
+            offset += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        message = _null_in_fixed_size_list(Path(file)) if "Expected all lists to be of size" in str(e) else \
+            f"{file}: not a readable Parquet file: {e}"
+        found["problems"].append(Problem("error", names[file], None, [], message))
+    found["problems"] = [vars(p) for p in found["problems"]]
+    return {"found": json.dumps(found)}
+
+
+def _check_parts(parts: list[dict], kinds, widths, rates: bool, names: dict, label: str) -> list[dict]:
+    import ray
+
+    kwargs = {"kinds": kinds, "widths": widths, "rates": rates, "names": names}
+    # Several parts, in the driver only: one part is checked here sooner than a Ray Data job starts,
+    # and a sequence that is itself a Ray task (`mmcl bench` with executor=local) holds a CPU, so
+    # tasks asking for the others could wait on its siblings for ever.
+    if len(parts) > 1 and ray.is_initialized() and ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        import ray.data
+
+        from pipeline.streams import on_this_node
+
+        ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map(
+            check_part, fn_kwargs=kwargs, num_cpus=1, **on_this_node(label))
+        results = ds.take_all()
+    else:
+        results = [check_part(p, **kwargs) for p in parts]
+    found = [json.loads(r["found"]) for r in results]
+    for f in found:
+        f["problems"] = [Problem(**p) for p in f["problems"]]
+    return found
+
+
+def _per_file(problems: list[Problem], files: list[str], starts: list[int], names: dict) -> list[Problem]:
+    """Problems of the whole table with their rows numbered within each file."""
+    if len(files) == 1:
+        return problems
+    out = []
+    for p in problems:
+        if not p.rows:
+            out.append(p)
+            continue
+        rows = np.asarray(p.rows)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        for i in np.unique(which):
+            out.append(Problem(p.level, names[files[i]], p.column, (rows[which == i] - starts[i]).tolist(), p.message))
+    return out
+
+
+PLAN_COLUMNS = [*REQUIRED, "group"]
+
+
+def vector_widths(path: str | Path) -> dict[str, int]:
+    """Floats per row of each list<number> column of a Parquet file or folder (a feature cache's
+    columns), from its schema (fixed-size lists) or its first non-null row (lists)."""
+    import pyarrow.dataset as pads
+
+    source, widths = pads.dataset(str(path), format="parquet"), {}
+    for f in source.schema:
+        if f.name in REQUIRED or f.name in RESERVED or not _is_numeric_list(f.type):
+            continue
+        if pa.types.is_fixed_size_list(f.type):
+            widths[f.name] = f.type.list_size
+        else:
+            first = source.scanner(columns=[f.name], filter=pc.field(f.name).is_valid()).head(1)[f.name]
+            widths[f.name] = len(first[0]) if len(first) else 0
+    return widths
+
+
+def plan_data(path: str | Path) -> MultiModalData:
+    """A feature cache entry with only the columns a plan reads in its table; the modalities come
+    from its manifest, and no feature is read."""
+    import pyarrow.dataset as pads
+
+    source = pads.dataset(str(path), format="parquet")
+    table = source.to_table(columns=[c for c in PLAN_COLUMNS if c in source.schema.names])
+    encoded = read_manifest(path)["modalities"]
+    return MultiModalData(str(path), table, {m: e["kind"] for m, e in encoded.items()},
+                          {m: e["dim"] for m, e in encoded.items()}, {m: e["tokens"] for m, e in encoded.items()})
 
 
 def batch_to_arrays(batch: dict, modalities: dict[str, int]):

@@ -8,20 +8,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import ray.train
 
 from models.methods import get_method
 from pipeline.benchmarks import benchmark_path
 from pipeline.cache import build_features, encoder_specs
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data import MultiModalData, load_data
+from pipeline.data import MultiModalData, load_data, plan_data
 from pipeline.evaluate import summarize
 from pipeline.executors import EXECUTORS
 from pipeline.lock import RunLock
 from pipeline.runtime import init_ray, quiet_logs
 from pipeline.scenario import Scenario, default_tasks, make_scenario
 from pipeline.state import SequenceState, TaskRecord
+from pipeline.streams import count_rows, row_bytes
 from pipeline.tracking import (TRACKING_ERRORS, NoTracker, Tracker, check_tracking_server, data_fingerprint,
                                task_labels, tracking_uri)
 
@@ -29,7 +29,7 @@ from pipeline.tracking import (TRACKING_ERRORS, NoTracker, Tracker, check_tracki
 @dataclass
 class PreparedData:
     """The data a sequence reads, checked (and encoded) once."""
-    data: MultiModalData  # what the model reads: the file's table, or its frozen features
+    data: MultiModalData  # what the model reads (the file, or its frozen features), with only the plan's columns
     source: str  # the file the user gave, or the benchmark's build
     fingerprint: str  # of the source's bytes
     features: str | None = None  # the feature cache folder, when the source needed encoding
@@ -38,6 +38,10 @@ class PreparedData:
     @property
     def name(self) -> str:
         return Path(self.source).stem
+
+    def load(self) -> MultiModalData:
+        """Every row and column the model reads, in this process (analysis scripts; training streams them)."""
+        return load_data(self.features or self.source)
 
     def dataset_input(self) -> dict:
         return {"name": self.name, "path": self.source, "fingerprint": self.fingerprint, "features": self.features}
@@ -71,17 +75,18 @@ def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.nd
 
 def prepare_data(cfg: RunConfig, log=print, verbose: bool = False) -> PreparedData:
     """The data the model reads: the file itself, or its features from the cache (encoded first if
-    needed), once `num_tasks` is set and checked against it."""
+    needed), once `num_tasks` is set and checked against it. Only the plan's columns are read here."""
     source = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
+    init_ray(cfg, verbose)  # the modality columns are checked, encoded and read by Ray Data tasks
     data = load_data(source)
     check_tasks(cfg, data)
     fingerprint = data_fingerprint(source)
     if not data.needs_encoding:
         return PreparedData(data, source, fingerprint)
-    init_ray(cfg, verbose)  # frozen encoders run once per (encoders, data): training reads the cache
+    # frozen encoders run once per (encoders, data): training reads the cache
     features = str(build_features(data, fingerprint, cfg.encoders, cfg.encoder_tokens, cfg.cache_dir(),
                                   cfg.cache.actors, cfg.cache.batch_size, log))
-    return PreparedData(load_data(features), source, fingerprint, features, encoder_specs(data, cfg.encoders))
+    return PreparedData(plan_data(features), source, fingerprint, features, encoder_specs(data, cfg.encoders))
 
 
 def check_tasks(cfg: RunConfig, data) -> None:
@@ -120,9 +125,9 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
         recipe = SequenceRecipe(cfg, prepared, scenario, state, tracker, log, started)
         if state.data["complete"]:
             return recipe.report_finished()
-        plan, table = recipe.setup(name, verbose)
+        plan = recipe.setup(name, verbose)
         try:
-            recipe.train(executor, plan, table, verbose, on_task_end)
+            recipe.train(executor, plan, verbose, on_task_end)
         except BaseException:
             recipe.to_mlflow(tracker.fail_sequence, state.data["mlflow_run_id"])
             raise
@@ -143,32 +148,40 @@ class SequenceRecipe:
     def run_dir(self) -> Path:
         return self.state.folder
 
-    def setup(self, name: str, verbose: bool) -> tuple[dict, pa.Table]:
-        """(the plan every worker reads, the table it trains on); the sequence's MLflow run opened."""
+    def setup(self, name: str, verbose: bool) -> dict:
+        """The plan every worker reads (the streams it trains on are made from it); the sequence's
+        MLflow run opened."""
         cfg, data, scenario = self.cfg, self.prepared.data, self.scenario
         method = get_method(cfg.method)
         labels = data.column("label")
         class_index = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
         class_index[scenario.class_order] = np.arange(len(scenario.class_order))
-        split, _ = hold_out_validation(data.column("split"), labels, data.column("sample_id"), cfg.train.val_fraction,
-                                       data.column("group") if "group" in data.table.column_names else None)
-        table = data.table.select(["label", "domain", *data.modalities]).append_column("split", pa.array(split))
+        split, val_ids = hold_out_validation(data.column("split"), labels, data.column("sample_id"),
+                                             cfg.train.val_fraction,
+                                             data.column("group") if "group" in data.table.column_names else None)
+        columns = {"label": labels, "domain": data.column("domain").astype(str)}
+        eval_splits = [s for s in ("val", "test") if (split == s).any()]
         spec = {"family": method.family, "joint": method.joint, "modalities": data.modalities,
                 "class_order": scenario.class_order,
                 "encoders": self.prepared.encoders, "tokens": cfg.encoder_tokens, "model": vars(cfg.model)}
         tasks = [{"index": t.index, "head_size": scenario.head_size_after(t.index),
                   "train": scenario.rows_of(t, so_far=method.joint), "eval": scenario.rows_of(t)}
                  for t in scenario.tasks]
-        plan = {"tasks": tasks, "first_task": len(self.state.tasks), "seed": cfg.seed, "spec": spec,
+        for t in tasks:
+            t["rows"] = count_rows(split, columns, ["train"], *t["train"])
+        plan = {"data": {"path": data.path, "val_ids": [str(i) for i in val_ids], "eval_splits": eval_splits,
+                         "eval_rows": count_rows(split, columns, eval_splits),
+                         "row_bytes": row_bytes(data.modalities, data.tokens)},
+                "tasks": tasks, "first_task": len(self.state.tasks), "seed": cfg.seed, "spec": spec,
                 "train": vars(cfg.train), "loss": vars(cfg.loss), "class_index": class_index.tolist(),
                 "verbose": verbose}
         self.state.data["mlflow_run_id"] = self.tracker.start_sequence(cfg, name, self.state.data["mlflow_run_id"])
         self.state.save()
         if self.state.tasks:
             self.log(f"Resuming {self.run_dir}: tasks 0-{len(self.state.tasks) - 1} already finished")
-        return plan, table
+        return plan
 
-    def train(self, executor, plan: dict, table: pa.Table, verbose: bool, on_task_end=None) -> None:
+    def train(self, executor, plan: dict, verbose: bool, on_task_end=None) -> None:
         """The remaining tasks; each recorded, logged and reported (`on_task_end`) as it ends."""
         def finish_task(entry: dict, checkpoint: str, local: Path) -> None:
             record = self.record(entry, checkpoint, local)
@@ -179,7 +192,7 @@ class SequenceRecipe:
         self.to_mlflow(self.log_unlogged_tasks)
         self.task_header(len(self.state.tasks))
         if len(self.state.tasks) < len(self.scenario.tasks):
-            executor.train(self.cfg, plan, table, self.state.last, self.run_dir, verbose, self.log, finish_task)
+            executor.train(self.cfg, plan, self.state.last, self.run_dir, verbose, self.log, finish_task)
 
     def cleanup(self) -> dict:
         """The result, recorded and logged; once everything is in MLflow, the checkpoints go."""

@@ -14,6 +14,7 @@ from pipeline.checkpoint import save_model
 from pipeline.config import RunConfig
 from pipeline.runtime import check_storage, init_ray, worker_resources
 from pipeline.state import TaskRecord
+from pipeline.streams import StreamSplits, sequence_streams
 from pipeline.worker import learn_sequence_local, train_func_per_worker
 
 CONTROLLER_POLL_S = 0.1
@@ -33,7 +34,7 @@ class LocalExecutor:
     def start(self, cfg: RunConfig, verbose: bool) -> None:
         pass
 
-    def train(self, cfg: RunConfig, plan: dict, table, last: TaskRecord | None, run_dir: Path, verbose: bool, log,
+    def train(self, cfg: RunConfig, plan: dict, last: TaskRecord | None, run_dir: Path, verbose: bool, log,
               finish_task) -> None:
         """The tasks after `last` (None: from the start); `finish_task(entry, checkpoint, local)` after each."""
         progress = {"num_tasks": len(plan["tasks"]), "epochs": plan["train"]["epochs"]}
@@ -46,7 +47,7 @@ class LocalExecutor:
             finish_task(entry, str(local), local)
 
         on_epoch = lambda t, m: log(epoch_line({**m, **progress, "task": t}))  # noqa: E731
-        learn_sequence_local(plan, table, last.local if last else None, on_epoch, on_task_end)
+        learn_sequence_local(plan, sequence_streams(plan, in_process=True), last.local if last else None, on_epoch, on_task_end)
 
     def run_many(self, configs: list[RunConfig], run_one, on_done) -> None:
         """Each sequence a Ray task of one CPU (its own process), as many at once as there are CPUs."""
@@ -78,7 +79,7 @@ class RayExecutor:
         init_ray(cfg, verbose)
         check_storage(cfg)
 
-    def train(self, cfg: RunConfig, plan: dict, table, last: TaskRecord | None, run_dir: Path, verbose: bool, log,
+    def train(self, cfg: RunConfig, plan: dict, last: TaskRecord | None, run_dir: Path, verbose: bool, log,
               finish_task) -> None:
         plan = {**plan, "init_checkpoint": ray.train.Checkpoint(last.checkpoint) if last else None}
         storage = cfg.storage_path or str((run_dir / "ray").resolve())
@@ -98,7 +99,7 @@ class RayExecutor:
             stale[:] = [checkpoint]
 
         name = f"{run_dir.name}-from-task-{plan['first_task']}-{int(time.time())}"
-        fit_sequence(cfg, plan, table, name, storage, verbose, on_report)
+        fit_sequence(cfg, plan, name, storage, verbose, on_report)
 
     def run_many(self, configs: list[RunConfig], run_one, on_done) -> None:
         """Each sequence driven by a thread of this process, its workers holding their own CPUs: as many
@@ -140,12 +141,11 @@ class ForwardReports(UserCallback):
         self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint})
 
 
-def fit_sequence(cfg: RunConfig, plan: dict, table, name: str, storage: str, verbose: bool, on_report):
+def fit_sequence(cfg: RunConfig, plan: dict, name: str, storage: str, verbose: bool, on_report):
     """One Ray Train fit over the remaining tasks: `trainer.fit()` runs in a daemon thread while this
     thread hands every report to `on_report(metrics, checkpoint)`; Ctrl-C returns at once (the thread
     dies with the process, Ray's exit hook stops the workers)."""
-    import ray.data
-    from ray.train import DataConfig, FailureConfig
+    from ray.train import FailureConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -168,8 +168,7 @@ def fit_sequence(cfg: RunConfig, plan: dict, table, name: str, storage: str, ver
             name=name, storage_path=storage, callbacks=[ForwardReports(queue)],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig("INFO" if verbose else "ERROR")),
-        datasets={"rows": ray.data.from_arrow(table)},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker holds the rows; see pipeline/worker.py
+        datasets=sequence_streams(plan), dataset_config=StreamSplits(),
     )
 
     def fit():

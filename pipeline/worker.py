@@ -1,10 +1,10 @@
 """The task sequence on one worker: `train_func_per_worker` on Ray Train workers (DeepSpeed over the
 adapter), or `learn_sequence_local` in this process; both run the same `learn_sequence` loop.
 
-Every worker holds the feature table (frozen features, not media) and draws its share of each
-epoch's rows the way PyTorch's DistributedSampler does: one permutation per (seed, task, epoch),
-rank r taking every world-th row. Runs are therefore reproducible, restartable at any epoch, and
-with one worker identical to the in-process loop.
+A worker reads its share of each stream (pipeline/streams.py): the current task's train rows, and
+the val and test rows. A share that fits `train.hold_mb` is held after its first pass and each
+epoch is a seeded permutation of it; a larger one streams on every pass. Runs are reproducible and
+restartable at any epoch, and with one worker identical to the in-process loop.
 """
 import copy
 import json
@@ -25,6 +25,7 @@ from models.losses import LossWeights
 from models.methods import ContinualModel
 from pipeline.checkpoint import build_model, load_model, save_model
 from pipeline.data import batch_to_arrays
+from pipeline.streams import EVAL, stream_names, train_stream
 
 GRADIENT_CLIP = 1.0  # max gradient norm, both executors
 EVAL_BATCH = 512
@@ -32,10 +33,18 @@ DEEPSPEED_TAG = "epoch"  # the engine's folder inside an epoch checkpoint
 
 
 class Rows:
-    """A table's rows as dense tensors (features per modality, present mask, head targets) plus the
+    """Arrow rows as dense tensors (features per modality, present mask, head targets) plus the
     columns that select tasks and splits."""
 
-    def __init__(self, table: pa.Table, modalities: dict[str, int], class_index: np.ndarray):
+    def __init__(self, tables: list[pa.Table], modalities: dict[str, int], class_index: np.ndarray):
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            self.features = {m: torch.zeros(0, d) for m, d in modalities.items()}
+            self.present = torch.zeros(0, len(modalities), dtype=torch.bool)
+            self.targets = torch.zeros(0, dtype=torch.long)
+            self.select = {"label": np.zeros(0, np.int64), "domain": np.zeros(0, str), "split": np.zeros(0, str)}
+            return
+        table = pa.concat_tables(tables)
         columns = {"label": table["label"].to_numpy()}
         for m in modalities:
             col = table[m].combine_chunks()
@@ -50,8 +59,8 @@ class Rows:
         self.select = {c: table[c].to_numpy(zero_copy_only=False).astype(str if c != "label" else np.int64)
                        for c in ("label", "domain", "split")}
 
-    def where(self, split: str, column: str, values: list) -> np.ndarray:
-        return np.flatnonzero((self.select["split"] == split) & np.isin(self.select[column], values))
+    def __len__(self) -> int:
+        return len(self.targets)
 
     def take(self, index: np.ndarray, device="cpu"):
         i = torch.from_numpy(index)
@@ -59,19 +68,44 @@ class Rows:
                 self.targets[i].to(device))
 
 
-def epoch_rows(rows: np.ndarray, seed: int, task: int, epoch: int | None, rank: int, world: int) -> np.ndarray:
-    """This rank's rows of an epoch. `epoch=None`: an unshuffled pass over every row once
-    (statistics); otherwise a seeded permutation padded by wrapping to a multiple of the world size,
-    so that every rank takes the same number of steps."""
-    if epoch is None:
-        return rows[rank::world]
-    order = rows[np.random.default_rng([seed, task, epoch]).permutation(len(rows))]
-    return np.resize(order, -(-len(order) // world) * world)[rank::world]
+SHUFFLE_BUFFER_ROWS = 10_000  # a streamed shard's rows mix within windows of this many
 
 
-def batches_of(rows: Rows, index: np.ndarray, batch_size: int, device="cpu"):
-    for lo in range(0, len(index), batch_size):
-        yield rows.take(index[lo:lo + batch_size], device)
+class Shard:
+    """This worker's share of one stream. Held in memory after its first pass when it takes at most
+    `hold_mb` (an epoch is then a seeded permutation of it, as PyTorch's DistributedSampler draws
+    one); otherwise read from the stream on every pass, an epoch's rows shuffled within a seeded
+    window of SHUFFLE_BUFFER_ROWS, so that no worker holds more than its buffers."""
+
+    def __init__(self, stream, rows: int, world: int, row_bytes: int, hold_mb: float, modalities: dict[str, int],
+                 class_index: np.ndarray):
+        self.stream, self.modalities, self.class_index = stream, modalities, class_index
+        self.hold = rows / world * row_bytes <= hold_mb * 2**20
+        self.held: Rows | None = None
+
+    def batches(self, batch_size: int, order: list[int] | None = None, device="cpu", select=False):
+        """(features, present, targets[, selection columns]) batches of one pass; `order`: the seed of
+        an epoch's shuffle, else the stream's order."""
+        if self.hold:
+            if self.held is None:
+                self.held = Rows(list(self.stream.iter_batches(batch_size=None, batch_format="pyarrow")),
+                                 self.modalities, self.class_index)
+            index = np.arange(len(self.held)) if order is None else np.random.default_rng(order).permutation(
+                len(self.held))
+            for lo in range(0, len(index), batch_size):
+                yield self._out(self.held, index[lo:lo + batch_size], device, select)
+            return
+        seed = None if order is None else int(np.random.SeedSequence(order).generate_state(1)[0])
+        shuffle = {} if seed is None else {"local_shuffle_buffer_size": max(SHUFFLE_BUFFER_ROWS, batch_size),
+                                           "local_shuffle_seed": seed}
+        for batch in self.stream.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle):
+            rows = Rows([batch], self.modalities, self.class_index)
+            yield self._out(rows, np.arange(len(rows)), device, select)
+
+    @staticmethod
+    def _out(rows: Rows, index: np.ndarray, device, select: bool):
+        batch = rows.take(index, device)
+        return (*batch, {c: v[index] for c, v in rows.select.items()}) if select else batch
 
 
 def deepspeed_config(train: dict) -> dict:
@@ -194,13 +228,12 @@ class DeepSpeedStepper(Stepper):
         self.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
 
 
-def learn_task(model: ContinualModel, rows: Rows, task: dict, config: dict, new_stepper, on_epoch,
-               rank: int = 0, world: int = 1, resume: tuple[int, str] | None = None, device="cpu") -> list[dict]:
+def learn_task(model: ContinualModel, rows: Shard, task: dict, config: dict, new_stepper, on_epoch,
+               rank: int = 0, resume: tuple[int, str] | None = None, device="cpu") -> list[dict]:
     """One task: grow, fit the standardiser, the epochs, then the statistics pass and `end_task`.
     `on_epoch(task, metrics, history, stepper)` after every epoch but the last; `resume=(epoch, folder)` continues from the
     stepper state saved after that epoch. Returns the per-epoch history."""
     train, seed, t = config["train"], config["seed"], task["index"]
-    mine = lambda epoch: epoch_rows(task["train_rows"], seed, t, epoch, rank, world)  # noqa: E731
     model.to(device)
     seen_before = model.head_size
     model.begin_task(task["head_size"])
@@ -208,7 +241,7 @@ def learn_task(model: ContinualModel, rows: Rows, task: dict, config: dict, new_
         model.forget_statistics()
     torch.manual_seed(seed * 1000 + t)
     if not bool(model.standardizer.fitted.all()):
-        fit_standardizer(model, batches_of(rows, mine(None), train["batch_size"], device),
+        fit_standardizer(model, rows.batches(train["batch_size"], device=device),
                          config["spec"]["modalities"], device)
     params = model.trainable_parameters()
     old_model = copy.deepcopy(model).eval().requires_grad_(False) if t > 0 and params else None
@@ -224,7 +257,7 @@ def learn_task(model: ContinualModel, rows: Rows, task: dict, config: dict, new_
             torch.manual_seed(((seed * 1000 + t) * 1000 + epoch) * 1000 + rank)  # dropout, draws: restartable
             model.train()
             totals, steps = {}, 0
-            for feats, present, targets in batches_of(rows, mine(epoch), train["batch_size"], device):
+            for feats, present, targets in rows.batches(train["batch_size"], [seed, t, epoch], device):
                 with autocast(train, device):
                     loss, terms = model.objective(feats, present, targets, weights, old_model, seen_before)
                 stepper.step(loss)
@@ -240,7 +273,7 @@ def learn_task(model: ContinualModel, rows: Rows, task: dict, config: dict, new_
     model.eval()
     if type(model).accumulate is not ContinualModel.accumulate:
         with torch.set_grad_enabled(model.accumulate_needs_grad):
-            for batch in batches_of(rows, mine(None), train["batch_size"], device):
+            for batch in rows.batches(train["batch_size"], device=device):
                 model.accumulate(*batch)
     model.end_task(all_reduce)
     if not history:
@@ -249,45 +282,60 @@ def learn_task(model: ContinualModel, rows: Rows, task: dict, config: dict, new_
 
 
 @torch.no_grad()
-def evaluate(model: ContinualModel, rows: Rows, config: dict, upto: int, rank: int = 0, world: int = 1,
-             only: str | None = None, device="cpu") -> dict:
+def evaluate(model: ContinualModel, rows: Shard, config: dict, upto: int, only: str | None = None,
+             device="cpu") -> dict:
     """Accuracy on each task 0..upto's val and test rows (None for later tasks), every seen class
     competing; each worker predicts its share of the rows, the counts are all-reduced."""
     model.eval()
-    tasks = config["tasks"]
-    splits = [s for s in ("val", "test") if (rows.select["split"] == s).any()]
+    tasks, splits = config["tasks"], config["data"]["eval_splits"]
     counts = torch.zeros(len(splits), len(tasks), 2, dtype=torch.float64)
-    for s, split in enumerate(splits):
-        for j in range(upto + 1):
-            index = rows.where(split, *tasks[j]["eval"])[rank::world]
-            for feats, present, targets in batches_of(rows, index, EVAL_BATCH, device):
-                if only is not None:
-                    present = present & torch.tensor([m == only for m in feats], device=present.device)
-                pred = model(feats, present)["logits"].argmax(-1)
-                counts[s, j] += torch.tensor([float((pred == targets).sum()), len(targets)], dtype=torch.float64)
+    for feats, present, targets, select in rows.batches(EVAL_BATCH, device=device, select=True):
+        of_task = np.stack([np.isin(select[col], values) for col, values in (t["eval"] for t in tasks[:upto + 1])])
+        seen = of_task.any(0)
+        if not seen.any():
+            continue
+        keep = torch.from_numpy(np.flatnonzero(seen)).to(device)
+        feats, present, targets = {m: x[keep] for m, x in feats.items()}, present[keep], targets[keep]
+        if only is not None:
+            present = present & torch.tensor([m == only for m in feats], device=present.device)
+        correct = (model(feats, present)["logits"].argmax(-1) == targets).cpu().numpy()
+        for s, split in enumerate(splits):
+            for j, mask in enumerate(of_task[:, seen] & (select["split"][seen] == split)):
+                counts[s, j] += torch.tensor([float(correct[mask].sum()), float(mask.sum())], dtype=torch.float64)
     counts = all_reduce(counts.to(device)).cpu()
     return {split: [float(c / n) if j <= upto and n else None for j, (c, n) in enumerate(counts[s].tolist())]
             for s, split in enumerate(splits)}
 
 
-def learn_sequence(model: ContinualModel | None, rows: Rows, config: dict, new_stepper, on_epoch, on_task_end,
-                   rank: int = 0, world: int = 1, resume: tuple[int, str] | None = None, device="cpu") -> None:
-    """Tasks `config['first_task']`.. to the end: learn, evaluate, `on_task_end(model, entry)`."""
+def learn_sequence(model: ContinualModel | None, shards, config: dict, new_stepper, on_epoch, on_task_end,
+                   rank: int = 0, resume: tuple[int, str] | None = None, device="cpu") -> None:
+    """Tasks `config['first_task']`.. to the end: learn, evaluate, `on_task_end(model, entry)`.
+    `shards(name)`: this worker's Shard of a stream (pipeline/streams.py)."""
     spec = config["spec"]
     if model is None:
         torch.manual_seed(config["seed"])  # the initial weights and the ridge head's random projection
         model = build_model({**spec, "num_classes": 0})
+    held = shards(EVAL)
     for task in config["tasks"][config["first_task"]:]:
         model = rebuilt(model, spec)
-        task = {**task, "train_rows": rows.where("train", *task["train"])}
-        history = learn_task(model, rows, task, config, new_stepper, on_epoch, rank, world, resume, device)
+        history = learn_task(model, shards(train_stream(task["index"])), task, config, new_stepper, on_epoch, rank,
+                             resume, device)
         resume = None
         i = task["index"]
-        entry = {"index": i, "history": history, "rows": evaluate(model, rows, config, i, rank, world, device=device)}
+        entry = {"index": i, "history": history, "rows": evaluate(model, held, config, i, device=device)}
         if len(spec["modalities"]) > 1 and i == len(config["tasks"]) - 1:
-            entry["modality_acc"] = {m: float(np.mean(evaluate(model, rows, config, i, rank, world, m, device)["test"]))
+            entry["modality_acc"] = {m: float(np.mean(evaluate(model, held, config, i, m, device)["test"]))
                                      for m in spec["modalities"]}
         on_task_end(model, entry)
+
+
+def shards_of(streams: dict, config: dict, world: int):
+    """Stream name -> this worker's Shard of it, each made when first asked for."""
+    data, modalities = config["data"], config["spec"]["modalities"]
+    rows = {EVAL: data["eval_rows"], **{train_stream(t["index"]): t["rows"] for t in config["tasks"]}}
+    class_index = np.asarray(config["class_index"])
+    return lambda name: Shard(streams[name], rows[name], world, data["row_bytes"], config["train"]["hold_mb"],
+                              modalities, class_index)
 
 
 def rebuilt(model: ContinualModel, spec: dict) -> ContinualModel:
@@ -313,10 +361,8 @@ def train_func_per_worker(config: dict):
     if not train["use_gpu"]:  # one intra-op thread per CPU reserved, not one per core of the node
         torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
     device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("rows")
-    rows = Rows(pa.concat_tables(shard.iter_batches(batch_size=1 << 16, batch_format="pyarrow")),
-                config["spec"]["modalities"], np.asarray(config["class_index"]))
     model, resume = restore(config)
+    streams = {name: ray.train.get_dataset_shard(name) for name in stream_names(config)}
     progress = {"num_tasks": len(config["tasks"]), "epochs": train["epochs"]}
 
     def report(metrics: dict, folder: str, meta: dict, name: str):
@@ -339,7 +385,8 @@ def train_func_per_worker(config: dict):
                    f"task-{entry['index']}")
 
     try:
-        learn_sequence(model, rows, config, DeepSpeedStepper, on_epoch, on_task_end, rank, world, resume, device)
+        learn_sequence(model, shards_of(streams, config, world), config, DeepSpeedStepper, on_epoch, on_task_end, rank,
+                       resume, device)
     finally:
         if resume:
             shutil.rmtree(resume[1], ignore_errors=True)
@@ -371,11 +418,11 @@ def restore(config: dict):
         return load_model(folder)[0], resume
 
 
-def learn_sequence_local(config: dict, table: pa.Table, init_folder: str | None, on_epoch, on_task_end) -> None:
+def learn_sequence_local(config: dict, streams: dict, init_folder: str | None, on_epoch, on_task_end) -> None:
     """The same sequence in this process with a plain torch AdamW instead of DeepSpeed: the
     debugging aid, and the reference the Ray path is measured against."""
     if config["train"]["cpus_per_worker"]:
         torch.set_num_threads(max(1, int(config["train"]["cpus_per_worker"])))
-    rows = Rows(table, config["spec"]["modalities"], np.asarray(config["class_index"]))
     model = load_model(init_folder)[0] if init_folder else None
-    learn_sequence(model, rows, config, LocalStepper, lambda t, m, h, s: on_epoch(t, m), on_task_end)
+    learn_sequence(model, shards_of(streams, config, 1), config, LocalStepper, lambda t, m, h, s: on_epoch(t, m),
+                   on_task_end)

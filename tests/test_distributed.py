@@ -28,8 +28,9 @@ def config(path, out, *overrides):
                               "tracking.enabled=false", f"output_dir={out}", *overrides])
 
 
-def test_one_worker_gives_the_in_process_loops_matrix(synthetic, tmp_path, ray_local):
-    both = ["train.num_workers=1", "train.cpus_per_worker=1"]
+@pytest.mark.parametrize("hold_mb", ["1024", "0"], ids=["held", "streamed"])
+def test_one_worker_gives_the_in_process_loops_matrix(synthetic, tmp_path, ray_local, hold_mb):
+    both = ["train.num_workers=1", "train.cpus_per_worker=1", f"train.hold_mb={hold_mb}"]
     on_ray = run_sequence(config(synthetic, tmp_path / "ray", *both), log=lambda *_: None)
     local = run_sequence(config(synthetic, tmp_path / "local", "executor=local", *both), log=lambda *_: None)
     assert on_ray["acc_matrix"] == local["acc_matrix"]

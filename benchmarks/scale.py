@@ -1,0 +1,144 @@
+"""Memory and speed as the data grows: `python benchmarks/scale.py [--rows 20000 100000 ...]`.
+
+Per size: a synthetic table in the shape of a feature cache (10 classes, vector modalities of 1,280
+and 512 floats, 80% train, a Parquet folder of 8 files) is written under --out, then
+`mmcl run --data DIR --tasks 2 train.epochs=2 tracking.enabled=false` runs on it (default two
+workers) while the whole process tree is sampled every second. Reported: wall time, peak PSS of
+the tree, peak RSS of the driver and of the largest Ray Train worker, time to the first training
+step, and training rows/s in the second epoch (after warm-up). Tables go to results/scale.md.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTHS = {"a": 1280, "b": 512}
+CLASSES, FILES, CHUNK = 10, 8, 8192
+
+
+def write_table(folder: Path, rows: int, seed: int = 0) -> None:
+    """The synthetic folder, written chunk by chunk (never whole in memory)."""
+    if (folder / "_done").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    means = {m: rng.normal(size=(CLASSES, w)).astype(np.float32) for m, w in WIDTHS.items()}
+    per_file = -(-rows // FILES)
+    for f in range(FILES):
+        lo, hi = f * per_file, min(rows, (f + 1) * per_file)
+        writer = None
+        for start in range(lo, hi, CHUNK):
+            n = min(CHUNK, hi - start)
+            ids = np.arange(start, start + n)
+            labels = rng.integers(0, CLASSES, n)
+            cols = {"sample_id": pa.array([f"s{i}" for i in ids]), "label": pa.array(labels),
+                    "label_name": pa.array([f"class{c}" for c in labels]), "domain": pa.array(["d0"] * n),
+                    "split": pa.array(np.where(rng.random(n) < 0.8, "train", "test"))}
+            for m, w in WIDTHS.items():
+                x = means[m][labels] * 0.3 + rng.normal(size=(n, w)).astype(np.float32)
+                cols[m] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), w)
+            table = pa.table(cols)
+            writer = writer or pq.ParquetWriter(folder / f"part-{f}.parquet", table.schema)
+            writer.write_table(table)
+        writer.close()
+    (folder / "_done").write_text("")
+
+
+class TreeSampler(threading.Thread):
+    """Peak memory of a process and all its descendants, sampled every second."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.root, self.stop = psutil.Process(pid), threading.Event()
+        self.peak = {"tree_pss": 0, "driver_rss": 0, "worker_rss": 0}
+
+    def run(self):
+        while not self.stop.wait(1.0):
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            pss = 0
+            for p in procs:
+                try:
+                    info = p.memory_full_info()
+                    pss += info.pss
+                    if p.pid == self.root.pid:
+                        self.peak["driver_rss"] = max(self.peak["driver_rss"], info.rss)
+                    elif "RayTrainWorker" in " ".join(p.cmdline()):
+                        self.peak["worker_rss"] = max(self.peak["worker_rss"], info.rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak["tree_pss"] = max(self.peak["tree_pss"], pss)
+
+
+def measure(folder: Path, out: Path, rows: int, args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--data", str(folder), "--tasks", "2", "train.epochs=2",
+           "tracking.enabled=false", f"output_dir={out}", "--force", *args]
+    start, lines = time.time(), []
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    for line in proc.stdout:
+        lines.append((time.time() - start, line.rstrip()))
+    rc, wall = proc.wait(), time.time() - start
+    sampler.stop.set()
+    sampler.join()
+    if rc:
+        raise RuntimeError("\n".join(text for _, text in lines[-20:]))
+    epoch = re.compile(r"task (\d+)/\d+ epoch (\d+)/\d+ .* (\d+)s$")
+    seconds = {(int(m[1]), int(m[2])): (t, float(m[3])) for t, text in lines if (m := epoch.search(text))}
+    first_step = seconds[(1, 1)][0] - seconds[(1, 1)][1]
+    train_rows = 0.8 * rows / 2  # each task: half the classes' train rows
+    second = seconds[(1, 2)][1] - seconds[(1, 1)][1]
+    gib = 2**30
+    return {"rows": rows, "parquet_gib": round(sum(f.stat().st_size for f in folder.glob("*.parquet")) / gib, 2),
+            "wall_s": round(wall), "tree_pss_gib": round(sampler.peak["tree_pss"] / gib, 2),
+            "driver_rss_gib": round(sampler.peak["driver_rss"] / gib, 2),
+            "worker_rss_gib": round(sampler.peak["worker_rss"] / gib, 2), "first_step_s": round(first_step),
+            "rows_per_s": round(train_rows / max(second, 1))}
+
+
+def table(results: list[dict]) -> str:
+    head = ("| rows | Parquet GiB | wall s | peak PSS, all processes GiB | driver peak RSS GiB | "
+            "largest worker peak RSS GiB | first step s | epoch-2 rows/s |")
+    body = [f"| {r['rows']:,} | {r['parquet_gib']} | {r['wall_s']} | {r['tree_pss_gib']} | {r['driver_rss_gib']} | "
+            f"{r['worker_rss_gib']} | {r['first_step_s']} | {r['rows_per_s']:,} |" for r in results]
+    return "\n".join([head, "|---|---|---|---|---|---|---|---|", *body])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 100_000, 300_000])
+    parser.add_argument("--out", default=str(ROOT / "runs" / "scale"))
+    parser.add_argument("overrides", nargs="*", help="extra `mmcl run` overrides, e.g. train.hold_mb=0")
+    args = parser.parse_args()
+    out, results = Path(args.out), []
+    for rows in args.rows:
+        folder = out / f"data-{rows}"
+        write_table(folder, rows)
+        results.append(measure(folder, out / "runs", rows, args.overrides))
+        print(json.dumps(results[-1]), flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+    text = (f"`python benchmarks/scale.py --rows {' '.join(map(str, args.rows))} {' '.join(args.overrides)}`"
+            f" on {machine}\n\n{table(results)}\n")
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "scale.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The rows a sequence trains on, as Ray Data streams over the training source (a feature cache
+folder, or a data file of vectors): one stream of each task's train rows and one of every val and
+test row. Ray Train splits each across its workers (`StreamSplits`); the local executor reads the
+same streams in its own process. The driver builds them from the plan and never reads a row."""
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.train import DataConfig
+
+EVAL = "eval"
+READ_ROWS = 4096  # rows a read task holds at once
+
+
+def train_stream(t: int) -> str:
+    return f"train-{t}"
+
+
+def on_this_node(path: str) -> dict:
+    """The Ray remote arguments of tasks that read or write `path`: a local path is read and written
+    on this process's node (a cluster's nodes may share no disk; blocks reach the others through
+    the object store); a URI (s3://, gs://, ...) from any node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if "://" in str(path):
+        return {}
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return {"scheduling_strategy": here}
+
+
+def select_rows(batch: pa.Table, splits: list[str], column: str | None, values: list, val_ids: pa.Array) -> pa.Table:
+    """The batch's rows in `splits` (the plan's splits: rows held out for validation are 'val') whose
+    `column` is one of `values` (every row when `column` is None)."""
+    split = batch["split"]
+    if len(val_ids):
+        ids = val_ids.cast(batch.schema.field("sample_id").type)
+        split = pc.if_else(pc.is_in(batch["sample_id"], value_set=ids), "val", split)
+    keep = pc.is_in(split, value_set=pa.array(splits))
+    if column is not None:
+        keep = pc.and_(keep, pc.is_in(batch[column], value_set=pa.array(values, batch.schema.field(column).type)))
+    return batch.drop_columns(["sample_id", "split"]).append_column("split", split).filter(keep)
+
+
+def stream_names(plan: dict) -> list[str]:
+    return [train_stream(t["index"]) for t in plan["tasks"][plan["first_task"]:]] + [EVAL]
+
+
+def read_parts(parts: dict, columns: list[str], **select) -> Iterator[pa.Table]:
+    """Ray Data: the selected rows of some row groups, READ_ROWS at a time."""
+    for file, group in zip(parts["file"], parts["row_group"]):
+        for batch in pq.ParquetFile(file).iter_batches(READ_ROWS, row_groups=[int(group)], columns=columns):
+            yield select_rows(pa.Table.from_batches([batch]), **select)
+
+
+class InProcess:
+    """A stream as the local executor reads it: a whole pass (a held share's one read) is read here,
+    part by part in the stream's order, with no Ray Data job to start; other passes go to the
+    Ray Data dataset."""
+
+    def __init__(self, dataset, parts: list[dict], select: dict):
+        self.dataset, self.parts, self.select = dataset, parts, select
+
+    def iter_batches(self, batch_size=None, batch_format="pyarrow", **kwargs):
+        if batch_size is not None:
+            yield from self.dataset.iter_batches(batch_size=batch_size, batch_format=batch_format, **kwargs)
+            return
+        for p in self.parts:
+            yield from read_parts({"file": [p["file"]], "row_group": [p["row_group"]]}, **self.select)
+
+
+def sequence_streams(plan: dict, in_process: bool = False) -> dict:
+    """Stream name -> Ray Data dataset, for the tasks from `plan['first_task']` on, and the eval
+    stream; `in_process`: each as `InProcess`."""
+    import ray.data
+
+    from pipeline.data import parquet_parts
+
+    data = plan["data"]
+    columns = ["sample_id", "label", "domain", "split", *plan["spec"]["modalities"]]
+    parts = parquet_parts(data["path"])
+    val_ids = pa.array(data["val_ids"], pa.string())
+
+    def stream(splits, column=None, values=()):
+        # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for
+        # one would wait for ever. Reading and filtering Parquet is light beside a training step.
+        select = {"columns": columns, "splits": splits, "column": column, "values": list(values), "val_ids": val_ids}
+        ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
+            read_parts, fn_kwargs=select, batch_size=1, batch_format="numpy", num_cpus=0, **on_this_node(data["path"]))
+        ds.context.execution_options.preserve_order = True  # one worker reads the rows in the source's order
+        return InProcess(ds, parts, select) if in_process else ds
+
+    tasks = {train_stream(t["index"]): t for t in plan["tasks"]}
+    return {name: stream(["train"], *tasks[name]["train"]) if name != EVAL else stream(data["eval_splits"])
+            for name in stream_names(plan)}
+
+
+class StreamSplits(DataConfig):
+    """Every stream split across the workers, in order. Train streams split into equal shares (every
+    worker takes the same number of optimizer steps; up to world-1 rows of a pass are left out), the
+    eval stream into unequal ones so that every row is predicted once."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            ds.context.execution_options.preserve_order = True
+            for i, split in enumerate(ds.streaming_split(world_size, equal=name != EVAL,
+                                                         locality_hints=worker_node_ids)):
+                output[i][name] = split
+        return output
+
+
+def row_bytes(modalities: dict[str, int], tokens: dict[str, int]) -> int:
+    """Bytes of one row as a worker holds it (float32 features, a label and a present flag each)."""
+    return sum(4 * d * tokens.get(m, 1) + 1 for m, d in modalities.items()) + 8
+
+
+def count_rows(split: np.ndarray, columns: dict[str, np.ndarray], splits: list[str], column=None, values=()) -> int:
+    keep = np.isin(split, splits)
+    if column is not None:
+        keep &= np.isin(columns[column], values)
+    return int(keep.sum())
