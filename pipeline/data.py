@@ -468,9 +468,7 @@ def check_source(path: str | Path) -> tuple[MultiModalData, list[Problem]]:
     problems += numbers_as_text(label, kinds, found)
     nulls = [m for m in kinds if sum(f["nulls"].get(m, 0) for f in found)]
     if encoded:
-        return MultiModalData(label, table, {m: e["kind"] for m, e in encoded.items()},
-                              {m: e["dim"] for m, e in encoded.items()},
-                              {m: e["tokens"] for m, e in encoded.items()}, nulls), problems
+        return encoded_data(label, table, encoded, nulls), problems
     vectors = {m: widths[m] for m, k in kinds.items() if k == "vector"}
     return MultiModalData(label, table, kinds, vectors, {m: 1 for m in vectors}, nulls), problems
 
@@ -563,9 +561,14 @@ def plan_data(path: str | Path) -> MultiModalData:
 
     source = pads.dataset(str(path), format="parquet")
     table = source.to_table(columns=[c for c in PLAN_COLUMNS if c in source.schema.names])
-    encoded = read_manifest(path)["modalities"]
-    return MultiModalData(str(path), table, {m: e["kind"] for m, e in encoded.items()},
-                          {m: e["dim"] for m, e in encoded.items()}, {m: e["tokens"] for m, e in encoded.items()})
+    return encoded_data(str(path), table, read_manifest(path)["modalities"])
+
+
+def encoded_data(path: str, table: pa.Table, encoded: dict, nullable: list[str] = ()) -> MultiModalData:
+    """A feature cache entry's data, its modalities as its manifest gives them."""
+    return MultiModalData(path, table, {m: e["kind"] for m, e in encoded.items()},
+                          {m: e["dim"] for m, e in encoded.items()}, {m: e["tokens"] for m, e in encoded.items()},
+                          list(nullable))
 
 
 def batch_to_arrays(batch: dict, modalities: dict[str, int]):
