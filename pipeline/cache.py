@@ -133,8 +133,7 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
     try:
         # Blocks of a few batches, so that every actor has work and the stream keeps moving.
         block = max(1, min(8 * batch_size, -(-rows // (4 * actors))))
-        ds = ray.data.read_parquet(data.path, file_extensions=["parquet"],
-                                   ray_remote_args=on_this_node(data.path)).repartition(
+        ds = ray.data.read_parquet(data.path, file_extensions=["parquet"], **on_this_node(data.path)).repartition(
             target_num_rows_per_block=block).map_batches(
             EncodeBatch, fn_constructor_kwargs={"specs": specs, "tokens": tokens, "threads": 1,
                                                 "nullable": data.nullable},

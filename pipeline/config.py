@@ -44,8 +44,8 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 1  # worker failures a fit recovers from (from the latest epoch checkpoint); -1: any
     val_fraction: float = 0.0  # of each class's train rows held out for validation when no 'val' rows exist
-    hold_mb: float = 1024  # a worker's share of a task's rows (or of the val and test rows) is held in memory
-    # up to this many MiB, else streamed from the source on every pass (0: always streamed)
+    hold_mb: float = 1024  # a task's train rows (or the val and test rows) that take at most this many MiB are
+    # held whole by every worker, else each worker streams its share from the source on every pass (0: always)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The rows a sequence trains on, as Ray Data streams over the training source (a feature cache
 folder, or a data file of vectors): one stream of each task's train rows and one of every val and
-test row. Ray Train splits each across its workers (`StreamSplits`); the local executor reads the
-same streams in its own process. The driver builds them from the plan and never reads a row."""
+test row. A stream that fits `train.hold_mb` is read whole by every worker, which holds it and
+takes its rank's rows of each epoch (as DistributedSampler does); a larger one Ray Train splits
+across the workers (`StreamSplits`). The local executor reads the same streams in its own process.
+The driver builds them from the plan and never reads a row."""
 from typing import Iterator
 
 import numpy as np
@@ -19,16 +21,14 @@ def train_stream(t: int) -> str:
 
 
 def on_this_node(path: str) -> dict:
-    """The Ray remote arguments of tasks that read or write `path`: a local path is read and written
-    on this process's node (a cluster's nodes may share no disk; blocks reach the others through
-    the object store); a URI (s3://, gs://, ...) from any node."""
+    """The Ray Data placement of tasks that read or write `path` (`label_selector`): a local path is
+    read and written on this process's node (a cluster's nodes may share no disk; blocks reach the
+    others through the object store); a URI (s3://, gs://, ...) from any node."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if "://" in str(path):
         return {}
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return {"scheduling_strategy": here}
+    return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 
 def select_rows(batch: pa.Table, splits: list[str], column: str | None, values: list, val_ids: pa.Array) -> pa.Table:
@@ -44,8 +44,32 @@ def select_rows(batch: pa.Table, splits: list[str], column: str | None, values: 
     return batch.drop_columns(["sample_id", "split"]).append_column("split", split).filter(keep)
 
 
+def may_hold(parts: list[dict], wanted: dict[str, list]) -> list[dict]:
+    """The parts (row groups) whose Parquet statistics allow a row with each `wanted` column among
+    its values: a task of data sorted or partitioned by class reads only its own row groups."""
+    metadata, kept = {}, []
+    for p in parts:
+        meta = metadata.setdefault(p["file"], pq.ParquetFile(p["file"]).metadata)
+        group, names = meta.row_group(p["row_group"]), meta.schema.names
+        for column, values in wanted.items():
+            stats = group.column(names.index(column)).statistics if column in names else None
+            if stats is not None and stats.has_min_max and not any(
+                    stats.min <= type(stats.min)(v) <= stats.max for v in values):
+                break
+        else:
+            kept.append(p)
+    return kept or parts[:1]  # a stream of no rows still has a schema
+
+
 def stream_names(plan: dict) -> list[str]:
     return [train_stream(t["index"]) for t in plan["tasks"][plan["first_task"]:]] + [EVAL]
+
+
+def held_streams(plan: dict) -> list[str]:
+    """The streams whose rows all fit `train.hold_mb` in a worker's memory."""
+    data = plan["data"]
+    rows = {EVAL: data["eval_rows"], **{train_stream(t["index"]): t["rows"] for t in plan["tasks"]}}
+    return [name for name, n in rows.items() if n * data["row_bytes"] <= plan["train"]["hold_mb"] * 2**20]
 
 
 def read_parts(parts: dict, columns: list[str], **select) -> Iterator[pa.Table]:
@@ -73,7 +97,8 @@ class InProcess:
 
 def sequence_streams(plan: dict, in_process: bool = False) -> dict:
     """Stream name -> Ray Data dataset, for the tasks from `plan['first_task']` on, and the eval
-    stream; `in_process`: each as `InProcess`."""
+    stream; `in_process`: each as `InProcess`. A train stream reads the row groups that may hold its
+    rows, in a seeded order, so that data sorted by class reaches every worker mixed."""
     import ray.data
 
     from pipeline.data import parquet_parts
@@ -83,7 +108,7 @@ def sequence_streams(plan: dict, in_process: bool = False) -> dict:
     parts = parquet_parts(data["path"])
     val_ids = pa.array(data["val_ids"], pa.string())
 
-    def stream(splits, column=None, values=()):
+    def stream(parts, splits, column=None, values=()):
         # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for
         # one would wait for ever. Reading and filtering Parquet is light beside a training step.
         select = {"columns": columns, "splits": splits, "column": column, "values": list(values), "val_ids": val_ids}
@@ -92,15 +117,28 @@ def sequence_streams(plan: dict, in_process: bool = False) -> dict:
         ds.context.execution_options.preserve_order = True  # one worker reads the rows in the source's order
         return InProcess(ds, parts, select) if in_process else ds
 
+    def train(task):
+        column, values = task["train"]
+        mine = may_hold(parts, {"split": ["train"], column: values})
+        order = np.random.default_rng([plan["seed"], task["index"]]).permutation(len(mine))
+        return stream([mine[i] for i in order], ["train"], column, values)
+
+    def evaluated():  # rows held out for validation are train rows by the source's split column
+        return stream(parts if len(val_ids) else may_hold(parts, {"split": data["eval_splits"]}), data["eval_splits"])
+
     tasks = {train_stream(t["index"]): t for t in plan["tasks"]}
-    return {name: stream(["train"], *tasks[name]["train"]) if name != EVAL else stream(data["eval_splits"])
-            for name in stream_names(plan)}
+    return {name: train(tasks[name]) if name != EVAL else evaluated() for name in stream_names(plan)}
 
 
 class StreamSplits(DataConfig):
-    """Every stream split across the workers, in order. Train streams split into equal shares (every
-    worker takes the same number of optimizer steps; up to world-1 rows of a pass are left out), the
-    eval stream into unequal ones so that every row is predicted once."""
+    """Every stream but the `held` ones split across the workers, in order. Train streams split into
+    equal shares (every worker takes the same number of optimizer steps; up to world-1 rows of a
+    pass are left out), the eval stream into unequal ones so that every row is predicted once. A
+    held stream reaches every worker whole, with no coordinator between them."""
+
+    def __init__(self, held: list[str]):
+        super().__init__()
+        self.held = held
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
@@ -108,8 +146,9 @@ class StreamSplits(DataConfig):
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
             ds.context.execution_options.preserve_order = True
-            for i, split in enumerate(ds.streaming_split(world_size, equal=name != EVAL,
-                                                         locality_hints=worker_node_ids)):
+            splits = [ds.iterator() for _ in range(world_size)] if name in self.held else ds.streaming_split(
+                world_size, equal=name != EVAL, locality_hints=worker_node_ids)
+            for i, split in enumerate(splits):
                 output[i][name] = split
         return output
 

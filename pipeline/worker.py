@@ -1,10 +1,11 @@
 """The task sequence on one worker: `train_func_per_worker` on Ray Train workers (DeepSpeed over the
 adapter), or `learn_sequence_local` in this process; both run the same `learn_sequence` loop.
 
-A worker reads its share of each stream (pipeline/streams.py): the current task's train rows, and
-the val and test rows. A share that fits `train.hold_mb` is held after its first pass and each
-epoch is a seeded permutation of it; a larger one streams on every pass. Runs are reproducible and
-restartable at any epoch, and with one worker identical to the in-process loop.
+A worker reads its rows of each stream (pipeline/streams.py): the current task's train rows, and
+the val and test rows. A stream that fits `train.hold_mb` is held after its first pass and each
+epoch takes the rank's rows of a seeded permutation of it; a larger one streams the worker's share
+on every pass. Runs are reproducible and restartable at any epoch, and with one worker identical
+to the in-process loop.
 """
 import copy
 import json
@@ -25,7 +26,7 @@ from models.losses import LossWeights
 from models.methods import ContinualModel
 from pipeline.checkpoint import build_model, load_model, save_model
 from pipeline.data import batch_to_arrays
-from pipeline.streams import EVAL, stream_names, train_stream
+from pipeline.streams import EVAL, held_streams, stream_names, train_stream
 
 GRADIENT_CLIP = 1.0  # max gradient norm, both executors
 EVAL_BATCH = 512
@@ -72,15 +73,17 @@ SHUFFLE_BUFFER_ROWS = 10_000  # a streamed shard's rows mix within windows of th
 
 
 class Shard:
-    """This worker's share of one stream. Held in memory after its first pass when it takes at most
-    `hold_mb` (an epoch is then a seeded permutation of it, as PyTorch's DistributedSampler draws
-    one); otherwise read from the stream on every pass, an epoch's rows shuffled within a seeded
-    window of SHUFFLE_BUFFER_ROWS, so that no worker holds more than its buffers."""
+    """This worker's rows of one stream. A held stream (pipeline/streams.py: held_streams) is read
+    whole once and kept; each pass takes this rank's rows of it: of a seeded permutation padded by
+    wrapping to a multiple of the world size in an epoch (as PyTorch's DistributedSampler draws
+    them: batches mix every class, whatever the source's order), every rank::world-th row in a
+    statistics or evaluation pass. Otherwise the worker's `streaming_split` share is read on every
+    pass, an epoch's rows shuffled within a seeded window of SHUFFLE_BUFFER_ROWS, so that no worker
+    holds more than its buffers."""
 
-    def __init__(self, stream, rows: int, world: int, row_bytes: int, hold_mb: float, modalities: dict[str, int],
-                 class_index: np.ndarray):
-        self.stream, self.modalities, self.class_index = stream, modalities, class_index
-        self.hold = rows / world * row_bytes <= hold_mb * 2**20
+    def __init__(self, stream, hold: bool, rank: int, world: int, modalities: dict[str, int], class_index: np.ndarray):
+        self.stream, self.hold, self.rank, self.world = stream, hold, rank, world
+        self.modalities, self.class_index = modalities, class_index
         self.held: Rows | None = None
 
     def batches(self, batch_size: int, order: list[int] | None = None, device="cpu", select=False):
@@ -90,8 +93,12 @@ class Shard:
             if self.held is None:
                 self.held = Rows(list(self.stream.iter_batches(batch_size=None, batch_format="pyarrow")),
                                  self.modalities, self.class_index)
-            index = np.arange(len(self.held)) if order is None else np.random.default_rng(order).permutation(
-                len(self.held))
+            n = len(self.held)
+            if order is None:
+                index = np.arange(self.rank, n, self.world)
+            else:
+                index = np.resize(np.random.default_rng(order).permutation(n), -(-n // self.world) * self.world)
+                index = index[self.rank::self.world]
             for lo in range(0, len(index), batch_size):
                 yield self._out(self.held, index[lo:lo + batch_size], device, select)
             return
@@ -329,13 +336,10 @@ def learn_sequence(model: ContinualModel | None, shards, config: dict, new_stepp
         on_task_end(model, entry)
 
 
-def shards_of(streams: dict, config: dict, world: int):
+def shards_of(streams: dict, config: dict, rank: int, world: int):
     """Stream name -> this worker's Shard of it, each made when first asked for."""
-    data, modalities = config["data"], config["spec"]["modalities"]
-    rows = {EVAL: data["eval_rows"], **{train_stream(t["index"]): t["rows"] for t in config["tasks"]}}
-    class_index = np.asarray(config["class_index"])
-    return lambda name: Shard(streams[name], rows[name], world, data["row_bytes"], config["train"]["hold_mb"],
-                              modalities, class_index)
+    held, class_index = held_streams(config), np.asarray(config["class_index"])
+    return lambda name: Shard(streams[name], name in held, rank, world, config["spec"]["modalities"], class_index)
 
 
 def rebuilt(model: ContinualModel, spec: dict) -> ContinualModel:
@@ -385,7 +389,7 @@ def train_func_per_worker(config: dict):
                    f"task-{entry['index']}")
 
     try:
-        learn_sequence(model, shards_of(streams, config, world), config, DeepSpeedStepper, on_epoch, on_task_end, rank,
+        learn_sequence(model, shards_of(streams, config, rank, world), config, DeepSpeedStepper, on_epoch, on_task_end, rank,
                        resume, device)
     finally:
         if resume:
@@ -424,5 +428,5 @@ def learn_sequence_local(config: dict, streams: dict, init_folder: str | None, o
     if config["train"]["cpus_per_worker"]:
         torch.set_num_threads(max(1, int(config["train"]["cpus_per_worker"])))
     model = load_model(init_folder)[0] if init_folder else None
-    learn_sequence(model, shards_of(streams, config, 1), config, LocalStepper, lambda t, m, h, s: on_epoch(t, m),
+    learn_sequence(model, shards_of(streams, config, 0, 1), config, LocalStepper, lambda t, m, h, s: on_epoch(t, m),
                    on_task_end)

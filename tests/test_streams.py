@@ -1,12 +1,13 @@
 """The data path on a real local Ray: the modality checks run as Ray Data tasks and name the file
-and row within a folder, and each stream holds exactly the rows the plan gives it."""
+and row within a folder, each stream holds exactly the rows the plan gives it, and two workers
+share a task's epoch."""
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import DataError, load_data
-from pipeline.streams import EVAL, sequence_streams, train_stream
+from pipeline.data import DataError, load_data, parquet_parts
+from pipeline.streams import EVAL, may_hold, sequence_streams, train_stream
 from test_data import good_columns, table
 
 pytestmark = pytest.mark.slow
@@ -30,13 +31,18 @@ def test_a_bad_row_in_the_second_file_of_a_folder_is_named_by_the_ray_data_check
     assert data.table.num_rows == 12 and data.kinds["image"] == "image"
 
 
-def test_each_stream_holds_the_rows_the_plan_gives_it(synthetic, ray_local):
+def test_each_stream_holds_the_rows_the_plan_gives_it_reading_only_row_groups_that_may_hold_them(
+        synthetic, ray_local, tmp_path):
     full = pq.read_table(synthetic)
+    pq.write_table(full, tmp_path / "by-class.parquet", row_group_size=40)  # a row group per class
     ids, labels, split = (full[c].to_numpy(zero_copy_only=False) for c in ("sample_id", "label", "split"))
     val_ids = [str(i) for i in ids[split == "train"][::5]]
-    plan = {"data": {"path": str(synthetic), "val_ids": val_ids, "eval_splits": ["val", "test"]},
+    plan = {"data": {"path": str(tmp_path / "by-class.parquet"), "val_ids": val_ids, "eval_splits": ["val", "test"]},
             "tasks": [{"index": 0, "train": ("label", [0, 1])}, {"index": 1, "train": ("label", [2, 3, 4])}],
-            "first_task": 1, "spec": {"modalities": {"a": 0, "b": 0}}}
+            "first_task": 1, "seed": 0, "spec": {"modalities": {"a": 0, "b": 0}}}
+    parts = parquet_parts(plan["data"]["path"])
+    assert [p["row_group"] for p in may_hold(parts, {"split": ["train"], "label": [4, 2, 3]})] == [2, 3, 4]
+    assert may_hold(parts, {"label": [7]}) == parts[:1]
     streams = sequence_streams(plan)
     assert sorted(streams) == [EVAL, train_stream(1)]  # a resumed sequence reads no finished task
 
@@ -47,8 +53,47 @@ def test_each_stream_holds_the_rows_the_plan_gives_it(synthetic, ray_local):
     train = rows(train_stream(1))
     want = (split == "train") & ~held_out & np.isin(labels, [2, 3, 4])
     assert train.num_rows == want.sum() and set(train["split"].to_pylist()) == {"train"}
-    assert np.array_equal(train["a"].combine_chunks().flatten().to_numpy(),
-                          full.filter(pa.array(want))["a"].combine_chunks().flatten().to_numpy())
+    assert sorted(train["a"].to_pylist()) == sorted(full.filter(pa.array(want))["a"].to_pylist())  # row groups: seeded order
     evaluated = rows(EVAL)
     assert evaluated.num_rows == held_out.sum() + (split == "test").sum()
     assert evaluated["split"].to_pylist().count("val") == len(val_ids)
+
+
+def two_workers(plan: dict, name: str, epoch_seed):
+    """Rank 0's and rank 1's rows of one epoch of stream `name`, as (label, feature 'a') arrays,
+    read concurrently as two Train workers read them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.streams import StreamSplits, held_streams
+    from pipeline.worker import shards_of
+
+    splits = StreamSplits(held_streams(plan)).configure(sequence_streams(plan), 2, None, None)
+
+    def epoch(rank):
+        shard = shards_of(splits[rank], plan, rank, 2)(name)
+        batches = list(shard.batches(16, epoch_seed, select=True))
+        return (np.concatenate([b[3]["label"] for b in batches]),
+                np.concatenate([b[0]["a"].numpy() for b in batches]))
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(epoch, [0, 1]))
+
+
+@pytest.mark.parametrize("hold_mb", [1024, 0], ids=["held", "streamed"])
+def test_two_workers_share_an_epoch_of_a_task_and_a_held_one_mixes_every_class(synthetic, ray_local, hold_mb):
+    full = pq.read_table(synthetic)  # one row group, sorted by class
+    labels, split = full["label"].to_numpy(), full["split"].to_numpy(zero_copy_only=False)
+    mine = (split == "train") & np.isin(labels, [0, 1, 2])
+    plan = {"data": {"path": str(synthetic), "val_ids": [], "eval_splits": ["test"], "eval_rows": 60,
+                     "row_bytes": 60},
+            "tasks": [{"index": 0, "train": ("label", [0, 1, 2]), "rows": int(mine.sum())}], "first_task": 0,
+            "seed": 0, "train": {"hold_mb": hold_mb}, "spec": {"modalities": {"a": 8, "b": 5}},
+            "class_index": list(range(6))}
+    (labels_0, a_0), (labels_1, a_1) = two_workers(plan, train_stream(0), [0, 0, 1])
+    assert len(labels_0) == len(labels_1) == mine.sum() // 2  # equal steps; 90 rows: none left out
+    got = np.concatenate([a_0, a_1])
+    want = full.filter(pa.array(mine))["a"].combine_chunks().flatten().to_numpy().reshape(-1, 8)
+    assert sorted(map(tuple, got)) == sorted(map(tuple, want))  # every row once
+    if hold_mb:  # a seeded permutation of the whole task: each worker's rows mix its three classes
+        assert set(labels_0) == set(labels_1) == {0, 1, 2}
+        assert not np.array_equal(labels_0, two_workers(plan, train_stream(0), [0, 0, 2])[0][0])
