@@ -44,8 +44,8 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 1  # worker failures a fit recovers from (from the latest epoch checkpoint); -1: any
     val_fraction: float = 0.0  # of each class's train rows held out for validation when no 'val' rows exist
-    hold_mb: float = 1024  # a task's train rows (or the val and test rows) that take at most this many MiB are
-    # held whole by every worker, else each worker streams its share from the source on every pass (0: always)
+    hold_mb: float = 1024  # when the train, val and test rows take at most this many MiB every worker reads
+    # them once and holds them, else each streams its share of each task from the source on every pass (0: always)
 
 
 @dataclass

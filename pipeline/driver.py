@@ -167,9 +167,8 @@ class SequenceRecipe:
         tasks = [{"index": t.index, "head_size": scenario.head_size_after(t.index),
                   "train": scenario.rows_of(t, so_far=method.joint), "eval": scenario.rows_of(t)}
                  for t in scenario.tasks]
-        for t in tasks:
-            t["rows"] = count_rows(split, columns, ["train"], *t["train"])
         plan = {"data": {"path": data.path, "val_ids": [str(i) for i in val_ids], "eval_splits": eval_splits,
+                         "train_rows": count_rows(split, columns, ["train"]),
                          "eval_rows": count_rows(split, columns, eval_splits),
                          "row_bytes": row_bytes(data.modalities, data.tokens)},
                 "tasks": tasks, "first_task": len(self.state.tasks), "seed": cfg.seed, "spec": spec,

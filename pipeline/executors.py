@@ -14,7 +14,7 @@ from pipeline.checkpoint import save_model
 from pipeline.config import RunConfig
 from pipeline.runtime import check_storage, init_ray, worker_resources
 from pipeline.state import TaskRecord
-from pipeline.streams import StreamSplits, held_streams, sequence_streams
+from pipeline.streams import StreamSplits, sequence_streams
 from pipeline.worker import learn_sequence_local, train_func_per_worker
 
 CONTROLLER_POLL_S = 0.1
@@ -168,7 +168,7 @@ def fit_sequence(cfg: RunConfig, plan: dict, name: str, storage: str, verbose: b
             name=name, storage_path=storage, callbacks=[ForwardReports(queue)],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig("INFO" if verbose else "ERROR")),
-        datasets=sequence_streams(plan), dataset_config=StreamSplits(held_streams(plan)),
+        datasets=sequence_streams(plan), dataset_config=StreamSplits(),
     )
 
     def fit():

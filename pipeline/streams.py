@@ -1,9 +1,9 @@
 """The rows a sequence trains on, as Ray Data streams over the training source (a feature cache
 folder, or a data file of vectors): one stream of each task's train rows and one of every val and
-test row. A stream that fits `train.hold_mb` is read whole by every worker, which holds it and
-takes its rank's rows of each epoch (as DistributedSampler does); a larger one Ray Train splits
-across the workers (`StreamSplits`). The local executor reads the same streams in its own process.
-The driver builds them from the plan and never reads a row."""
+test row, which Ray Train splits across its workers (`StreamSplits`). When every row the sequence
+reads fits `train.hold_mb`, they are instead one stream that each worker reads whole, once, and
+keeps (pipeline/worker.py). The local executor reads the same streams in its own process. The
+driver builds them from the plan and never reads a row."""
 from typing import Iterator
 
 import numpy as np
@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from ray.train import DataConfig
 
 EVAL = "eval"
+ROWS = "rows"  # the one stream of a held sequence
 READ_ROWS = 4096  # rows a read task holds at once
 
 
@@ -61,15 +62,16 @@ def may_hold(parts: list[dict], wanted: dict[str, list]) -> list[dict]:
     return kept or parts[:1]  # a stream of no rows still has a schema
 
 
+def held(plan: dict) -> bool:
+    """Whether every train, val and test row fits `train.hold_mb` in a worker's memory (0: never)."""
+    data, limit = plan["data"], plan["train"]["hold_mb"] * 2**20
+    return limit > 0 and (data["train_rows"] + data["eval_rows"]) * data["row_bytes"] <= limit
+
+
 def stream_names(plan: dict) -> list[str]:
+    if held(plan):
+        return [ROWS]
     return [train_stream(t["index"]) for t in plan["tasks"][plan["first_task"]:]] + [EVAL]
-
-
-def held_streams(plan: dict) -> list[str]:
-    """The streams whose rows all fit `train.hold_mb` in a worker's memory."""
-    data = plan["data"]
-    rows = {EVAL: data["eval_rows"], **{train_stream(t["index"]): t["rows"] for t in plan["tasks"]}}
-    return [name for name, n in rows.items() if n * data["row_bytes"] <= plan["train"]["hold_mb"] * 2**20]
 
 
 def read_parts(parts: dict, columns: list[str], **select) -> Iterator[pa.Table]:
@@ -126,19 +128,17 @@ def sequence_streams(plan: dict, in_process: bool = False) -> dict:
     def evaluated():  # rows held out for validation are train rows by the source's split column
         return stream(parts if len(val_ids) else may_hold(parts, {"split": data["eval_splits"]}), data["eval_splits"])
 
+    if held(plan):
+        return {ROWS: stream(parts, ["train", *data["eval_splits"]])}
     tasks = {train_stream(t["index"]): t for t in plan["tasks"]}
     return {name: train(tasks[name]) if name != EVAL else evaluated() for name in stream_names(plan)}
 
 
 class StreamSplits(DataConfig):
-    """Every stream but the `held` ones split across the workers, in order. Train streams split into
-    equal shares (every worker takes the same number of optimizer steps; up to world-1 rows of a
-    pass are left out), the eval stream into unequal ones so that every row is predicted once. A
-    held stream reaches every worker whole, with no coordinator between them."""
-
-    def __init__(self, held: list[str]):
-        super().__init__()
-        self.held = held
+    """Every stream split across the workers, in order: train streams into equal shares (every worker
+    takes the same number of optimizer steps; up to world-1 rows of a pass are left out), the eval
+    stream into unequal ones so that every row is predicted once. The held sequence's one stream
+    reaches every worker whole, with no coordinator between them."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
@@ -146,7 +146,7 @@ class StreamSplits(DataConfig):
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
             ds.context.execution_options.preserve_order = True
-            splits = [ds.iterator() for _ in range(world_size)] if name in self.held else ds.streaming_split(
+            splits = [ds.iterator() for _ in range(world_size)] if name == ROWS else ds.streaming_split(
                 world_size, equal=name != EVAL, locality_hints=worker_node_ids)
             for i, split in enumerate(splits):
                 output[i][name] = split

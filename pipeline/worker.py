@@ -2,10 +2,10 @@
 adapter), or `learn_sequence_local` in this process; both run the same `learn_sequence` loop.
 
 A worker reads its rows of each stream (pipeline/streams.py): the current task's train rows, and
-the val and test rows. A stream that fits `train.hold_mb` is held after its first pass and each
-epoch takes the rank's rows of a seeded permutation of it; a larger one streams the worker's share
-on every pass. Runs are reproducible and restartable at any epoch, and with one worker identical
-to the in-process loop.
+the val and test rows. When all of them fit `train.hold_mb` the worker reads them once and keeps
+them, and each epoch takes the rank's rows of a seeded permutation of the task's; otherwise it
+streams its share of each on every pass. Runs are reproducible and restartable at any epoch, and
+with one worker identical to the in-process loop.
 """
 import copy
 import json
@@ -26,7 +26,7 @@ from models.losses import LossWeights
 from models.methods import ContinualModel
 from pipeline.checkpoint import build_model, load_model, save_model
 from pipeline.data import batch_to_arrays
-from pipeline.streams import EVAL, held_streams, stream_names, train_stream
+from pipeline.streams import EVAL, ROWS, stream_names, train_stream
 
 GRADIENT_CLIP = 1.0  # max gradient norm, both executors
 EVAL_BATCH = 512
@@ -72,40 +72,59 @@ class Rows:
 SHUFFLE_BUFFER_ROWS = 10_000  # a streamed shard's rows mix within windows of this many
 
 
-class Shard:
-    """This worker's rows of one stream. A held stream (pipeline/streams.py: held_streams) is read
-    whole once and kept; each pass takes this rank's rows of it: of a seeded permutation padded by
-    wrapping to a multiple of the world size in an epoch (as PyTorch's DistributedSampler draws
-    them: batches mix every class, whatever the source's order), every rank::world-th row in a
-    statistics or evaluation pass. Otherwise the worker's `streaming_split` share is read on every
-    pass, an epoch's rows shuffled within a seeded window of SHUFFLE_BUFFER_ROWS, so that no worker
-    holds more than its buffers."""
+class Held:
+    """Every row of a held sequence (pipeline/streams.py: ROWS), read whole by this worker when first
+    needed and kept for the sequence."""
 
-    def __init__(self, stream, hold: bool, rank: int, world: int, modalities: dict[str, int], class_index: np.ndarray):
-        self.stream, self.hold, self.rank, self.world = stream, hold, rank, world
+    def __init__(self, stream, modalities: dict[str, int], class_index: np.ndarray):
+        self.stream, self.modalities, self.class_index = stream, modalities, class_index
+        self._rows: Rows | None = None
+
+    @property
+    def rows(self) -> Rows:
+        if self._rows is None:
+            self._rows = Rows(list(self.stream.iter_batches(batch_size=None, batch_format="pyarrow")),
+                              self.modalities, self.class_index)
+        return self._rows
+
+
+class Shard:
+    """This worker's rows of one stream. Of a held sequence, the stream's rows of `Held` (`select`:
+    splits, column, values); each pass takes this rank's rows of them: of a seeded permutation padded
+    by wrapping to a multiple of the world size in an epoch (as PyTorch's DistributedSampler draws
+    them: batches mix every class, whatever the source's order), every world-th row in a statistics
+    or evaluation pass. Otherwise the worker's `streaming_split` share is read on every pass, an
+    epoch's rows shuffled within a seeded window of SHUFFLE_BUFFER_ROWS, so that no worker holds
+    more than its buffers."""
+
+    def __init__(self, source, rank: int, world: int, modalities: dict[str, int], class_index: np.ndarray,
+                 select: tuple | None = None):
+        self.source, self.select, self.rank, self.world = source, select, rank, world
         self.modalities, self.class_index = modalities, class_index
-        self.held: Rows | None = None
+        self.mine: np.ndarray | None = None
 
     def batches(self, batch_size: int, order: list[int] | None = None, device="cpu", select=False):
         """(features, present, targets[, selection columns]) batches of one pass; `order`: the seed of
         an epoch's shuffle, else the stream's order."""
-        if self.hold:
-            if self.held is None:
-                self.held = Rows(list(self.stream.iter_batches(batch_size=None, batch_format="pyarrow")),
-                                 self.modalities, self.class_index)
-            n = len(self.held)
+        if isinstance(self.source, Held):
+            rows = self.source.rows
+            if self.mine is None:
+                splits, column, values = self.select
+                keep = np.isin(rows.select["split"], splits)
+                self.mine = np.flatnonzero(keep & np.isin(rows.select[column], values) if column else keep)
+            n = len(self.mine)
             if order is None:
-                index = np.arange(self.rank, n, self.world)
+                index = self.mine[self.rank::self.world]
             else:
-                index = np.resize(np.random.default_rng(order).permutation(n), -(-n // self.world) * self.world)
-                index = index[self.rank::self.world]
+                drawn = np.resize(np.random.default_rng(order).permutation(n), -(-n // self.world) * self.world)
+                index = self.mine[drawn[self.rank::self.world]]
             for lo in range(0, len(index), batch_size):
-                yield self._out(self.held, index[lo:lo + batch_size], device, select)
+                yield self._out(rows, index[lo:lo + batch_size], device, select)
             return
         seed = None if order is None else int(np.random.SeedSequence(order).generate_state(1)[0])
         shuffle = {} if seed is None else {"local_shuffle_buffer_size": max(SHUFFLE_BUFFER_ROWS, batch_size),
                                            "local_shuffle_seed": seed}
-        for batch in self.stream.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle):
+        for batch in self.source.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle):
             rows = Rows([batch], self.modalities, self.class_index)
             yield self._out(rows, np.arange(len(rows)), device, select)
 
@@ -337,9 +356,14 @@ def learn_sequence(model: ContinualModel | None, shards, config: dict, new_stepp
 
 
 def shards_of(streams: dict, config: dict, rank: int, world: int):
-    """Stream name -> this worker's Shard of it, each made when first asked for."""
-    held, class_index = held_streams(config), np.asarray(config["class_index"])
-    return lambda name: Shard(streams[name], name in held, rank, world, config["spec"]["modalities"], class_index)
+    """Stream name (a task's train stream, or the eval stream) -> this worker's Shard of it."""
+    modalities, class_index = config["spec"]["modalities"], np.asarray(config["class_index"])
+    if ROWS not in streams:
+        return lambda name: Shard(streams[name], rank, world, modalities, class_index)
+    held = Held(streams[ROWS], modalities, class_index)
+    select = {EVAL: (config["data"]["eval_splits"], None, ()),
+              **{train_stream(t["index"]): (["train"], *t["train"]) for t in config["tasks"]}}
+    return lambda name: Shard(held, rank, world, modalities, class_index, select[name])
 
 
 def rebuilt(model: ContinualModel, spec: dict) -> ContinualModel:

@@ -39,7 +39,7 @@ def test_each_stream_holds_the_rows_the_plan_gives_it_reading_only_row_groups_th
     val_ids = [str(i) for i in ids[split == "train"][::5]]
     plan = {"data": {"path": str(tmp_path / "by-class.parquet"), "val_ids": val_ids, "eval_splits": ["val", "test"]},
             "tasks": [{"index": 0, "train": ("label", [0, 1])}, {"index": 1, "train": ("label", [2, 3, 4])}],
-            "first_task": 1, "seed": 0, "spec": {"modalities": {"a": 0, "b": 0}}}
+            "first_task": 1, "seed": 0, "spec": {"modalities": {"a": 0, "b": 0}}, "train": {"hold_mb": 0}}
     parts = parquet_parts(plan["data"]["path"])
     assert [p["row_group"] for p in may_hold(parts, {"split": ["train"], "label": [4, 2, 3]})] == [2, 3, 4]
     assert may_hold(parts, {"label": [7]}) == parts[:1]
@@ -64,10 +64,10 @@ def two_workers(plan: dict, name: str, epoch_seed):
     read concurrently as two Train workers read them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.streams import StreamSplits, held_streams
+    from pipeline.streams import StreamSplits
     from pipeline.worker import shards_of
 
-    splits = StreamSplits(held_streams(plan)).configure(sequence_streams(plan), 2, None, None)
+    splits = StreamSplits().configure(sequence_streams(plan), 2, None, None)
 
     def epoch(rank):
         shard = shards_of(splits[rank], plan, rank, 2)(name)
@@ -84,9 +84,9 @@ def test_two_workers_share_an_epoch_of_a_task_and_a_held_one_mixes_every_class(s
     full = pq.read_table(synthetic)  # one row group, sorted by class
     labels, split = full["label"].to_numpy(), full["split"].to_numpy(zero_copy_only=False)
     mine = (split == "train") & np.isin(labels, [0, 1, 2])
-    plan = {"data": {"path": str(synthetic), "val_ids": [], "eval_splits": ["test"], "eval_rows": 60,
-                     "row_bytes": 60},
-            "tasks": [{"index": 0, "train": ("label", [0, 1, 2]), "rows": int(mine.sum())}], "first_task": 0,
+    plan = {"data": {"path": str(synthetic), "val_ids": [], "eval_splits": ["test"], "train_rows": 180,
+                     "eval_rows": 60, "row_bytes": 60},
+            "tasks": [{"index": 0, "train": ("label", [0, 1, 2])}], "first_task": 0,
             "seed": 0, "train": {"hold_mb": hold_mb}, "spec": {"modalities": {"a": 8, "b": 5}},
             "class_index": list(range(6))}
     (labels_0, a_0), (labels_1, a_1) = two_workers(plan, train_stream(0), [0, 0, 1])
@@ -94,6 +94,6 @@ def test_two_workers_share_an_epoch_of_a_task_and_a_held_one_mixes_every_class(s
     got = np.concatenate([a_0, a_1])
     want = full.filter(pa.array(mine))["a"].combine_chunks().flatten().to_numpy().reshape(-1, 8)
     assert sorted(map(tuple, got)) == sorted(map(tuple, want))  # every row once
-    if hold_mb:  # a seeded permutation of the whole task: each worker's rows mix its three classes
+    if hold_mb:  # held: a seeded permutation of the whole task, so each worker's rows mix its three classes
         assert set(labels_0) == set(labels_1) == {0, 1, 2}
         assert not np.array_equal(labels_0, two_workers(plan, train_stream(0), [0, 0, 2])[0][0])
