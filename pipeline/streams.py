@@ -82,7 +82,7 @@ def read_parts(parts: dict, columns: list[str], **select) -> Iterator[pa.Table]:
 
 
 class InProcess:
-    """A stream as the local executor reads it: a whole pass (a held share's one read) is read here,
+    """A stream as the local executor reads it: a whole pass (the held rows' one read) is read here,
     part by part in the stream's order, with no Ray Data job to start; other passes go to the
     Ray Data dataset."""
 
