@@ -21,7 +21,7 @@ from pipeline.lock import RunLock
 from pipeline.runtime import init_ray, quiet_logs
 from pipeline.scenario import Scenario, default_tasks, make_scenario
 from pipeline.state import SequenceState, TaskRecord
-from pipeline.streams import count_rows, row_bytes
+from pipeline.streams import row_bytes
 from pipeline.tracking import (TRACKING_ERRORS, NoTracker, Tracker, check_tracking_server, data_fingerprint,
                                task_labels, tracking_uri)
 
@@ -159,7 +159,6 @@ class SequenceRecipe:
         split, val_ids = hold_out_validation(data.column("split"), labels, data.column("sample_id"),
                                              cfg.train.val_fraction,
                                              data.column("group") if "group" in data.table.column_names else None)
-        columns = {"label": labels, "domain": data.column("domain").astype(str)}
         eval_splits = [s for s in ("val", "test") if (split == s).any()]
         spec = {"family": method.family, "joint": method.joint, "modalities": data.modalities,
                 "class_order": scenario.class_order,
@@ -168,8 +167,8 @@ class SequenceRecipe:
                   "train": scenario.rows_of(t, so_far=method.joint), "eval": scenario.rows_of(t)}
                  for t in scenario.tasks]
         plan = {"data": {"path": data.path, "val_ids": [str(i) for i in val_ids], "eval_splits": eval_splits,
-                         "train_rows": count_rows(split, columns, ["train"]),
-                         "eval_rows": count_rows(split, columns, eval_splits),
+                         "train_rows": int((split == "train").sum()),
+                         "eval_rows": int(np.isin(split, eval_splits).sum()),
                          "row_bytes": row_bytes(data.modalities, data.tokens)},
                 "tasks": tasks, "first_task": len(self.state.tasks), "seed": cfg.seed, "spec": spec,
                 "train": vars(cfg.train), "loss": vars(cfg.loss), "class_index": class_index.tolist(),

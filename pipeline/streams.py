@@ -45,10 +45,11 @@ def select_rows(batch: pa.Table, splits: list[str], column: str | None, values: 
     return batch.drop_columns(["sample_id", "split"]).append_column("split", split).filter(keep)
 
 
-def may_hold(parts: list[dict], wanted: dict[str, list]) -> list[dict]:
+def may_hold(parts: list[dict], wanted: dict[str, list], metadata: dict | None = None) -> list[dict]:
     """The parts (row groups) whose Parquet statistics allow a row with each `wanted` column among
-    its values: a task of data sorted or partitioned by class reads only its own row groups."""
-    metadata, kept = {}, []
+    its values: a task of data sorted or partitioned by class reads only its own row groups.
+    `metadata`: file -> its Parquet metadata, filled as files are opened (shared by callers)."""
+    metadata, kept = {} if metadata is None else metadata, []
     for p in parts:
         meta = metadata.setdefault(p["file"], pq.ParquetFile(p["file"]).metadata)
         group, names = meta.row_group(p["row_group"]), meta.schema.names
@@ -109,6 +110,7 @@ def sequence_streams(plan: dict, in_process: bool = False) -> dict:
     columns = ["sample_id", "label", "domain", "split", *plan["spec"]["modalities"]]
     parts = parquet_parts(data["path"])
     val_ids = pa.array(data["val_ids"], pa.string())
+    metadata = {}  # each file's footer read once for every stream's may_hold
 
     def stream(parts, splits, column=None, values=()):
         # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for
@@ -121,12 +123,13 @@ def sequence_streams(plan: dict, in_process: bool = False) -> dict:
 
     def train(task):
         column, values = task["train"]
-        mine = may_hold(parts, {"split": ["train"], column: values})
+        mine = may_hold(parts, {"split": ["train"], column: values}, metadata)
         order = np.random.default_rng([plan["seed"], task["index"]]).permutation(len(mine))
         return stream([mine[i] for i in order], ["train"], column, values)
 
     def evaluated():  # rows held out for validation are train rows by the source's split column
-        return stream(parts if len(val_ids) else may_hold(parts, {"split": data["eval_splits"]}), data["eval_splits"])
+        return stream(parts if len(val_ids) else may_hold(parts, {"split": data["eval_splits"]}, metadata),
+                      data["eval_splits"])
 
     if held(plan):
         return {ROWS: stream(parts, ["train", *data["eval_splits"]])}
@@ -158,8 +161,7 @@ def row_bytes(modalities: dict[str, int], tokens: dict[str, int]) -> int:
     return sum(4 * d * tokens.get(m, 1) + 1 for m, d in modalities.items()) + 8
 
 
-def count_rows(split: np.ndarray, columns: dict[str, np.ndarray], splits: list[str], column=None, values=()) -> int:
+def chosen(split: np.ndarray, columns: dict[str, np.ndarray], splits: list[str], column=None, values=()) -> np.ndarray:
+    """The rows (a mask) in `splits` whose `column` is one of `values` (every row when `column` is None)."""
     keep = np.isin(split, splits)
-    if column is not None:
-        keep &= np.isin(columns[column], values)
-    return int(keep.sum())
+    return keep & np.isin(columns[column], values) if column is not None else keep

@@ -26,7 +26,7 @@ from models.losses import LossWeights
 from models.methods import ContinualModel
 from pipeline.checkpoint import build_model, load_model, save_model
 from pipeline.data import batch_to_arrays
-from pipeline.streams import EVAL, ROWS, stream_names, train_stream
+from pipeline.streams import EVAL, ROWS, chosen, stream_names, train_stream
 
 GRADIENT_CLIP = 1.0  # max gradient norm, both executors
 EVAL_BATCH = 512
@@ -109,9 +109,7 @@ class Shard:
         if isinstance(self.source, Held):
             rows = self.source.rows
             if self.mine is None:
-                splits, column, values = self.select
-                keep = np.isin(rows.select["split"], splits)
-                self.mine = np.flatnonzero(keep & np.isin(rows.select[column], values) if column else keep)
+                self.mine = np.flatnonzero(chosen(rows.select["split"], rows.select, *self.select))
             n = len(self.mine)
             if order is None:
                 index = self.mine[self.rank::self.world]
