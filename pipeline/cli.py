@@ -10,9 +10,10 @@ from pipeline.lock import FolderInUse
 
 
 def _user_errors():
+    from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
 
-    return ConfigError, DataError, FolderInUse
+    return ConfigError, DataError, FolderInUse, CheckpointError
 
 
 def _fail(e, verbose: bool = False) -> int:

@@ -13,6 +13,7 @@ import ray.train
 from models.methods import get_method
 from pipeline.benchmarks import benchmark_path
 from pipeline.cache import build_features, encoder_specs
+from pipeline.checkpoint import read_checkpoint
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data import MultiModalData, load_data, plan_data
 from pipeline.evaluate import summarize
@@ -152,6 +153,8 @@ class SequenceRecipe:
         """The plan every worker reads (the streams it trains on are made from it); the sequence's
         MLflow run opened."""
         cfg, data, scenario = self.cfg, self.prepared.data, self.scenario
+        if self.state.tasks:  # what the next task starts from, refused here rather than in the workers
+            read_checkpoint(self.state.last.local)
         method = get_method(cfg.method)
         labels = data.column("label")
         class_index = np.full(int(labels.max()) + 1, -1, dtype=np.int64)

@@ -12,7 +12,7 @@ from ray.train import UserCallback
 
 from pipeline.checkpoint import save_model
 from pipeline.config import RunConfig
-from pipeline.runtime import check_storage, init_ray, worker_resources
+from pipeline.runtime import check_storage, init_ray, torch_config, worker_resources
 from pipeline.state import TaskRecord
 from pipeline.streams import StreamSplits, sequence_streams
 from pipeline.worker import learn_sequence_local, train_func_per_worker
@@ -146,7 +146,7 @@ def fit_sequence(cfg: RunConfig, plan: dict, name: str, storage: str, verbose: b
     thread hands every report to `on_report(metrics, checkpoint)`; Ctrl-C returns at once (the thread
     dies with the process, Ray's exit hook stops the workers)."""
     from ray.train import FailureConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -160,7 +160,7 @@ def fit_sequence(cfg: RunConfig, plan: dict, name: str, storage: str, verbose: b
     queue, outcome = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}), {}  # beside the controller
     trainer = TorchTrainer(
         train_func_per_worker, train_loop_config=plan,
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus},
             placement_strategy=placement),

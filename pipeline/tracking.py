@@ -15,10 +15,10 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_MODEL_VERSI
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.lock import file_lock
+from pipeline.pyfunc import load_task_model, log_task_model
 from pipeline.state import TaskRecord
 
 TASK_TAG = "mmcl.task_index"
-MODEL_REQUIREMENTS = ["torch", "numpy", "pandas", "pyarrow"]
 TRACKING_ERRORS = (mlflow.exceptions.MlflowException, requests.RequestException, OSError)
 TRANSIENT = ("database is locked", "database table is locked")  # SQLite under concurrent writers
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view
@@ -64,46 +64,6 @@ def data_fingerprint(path: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
-
-
-class TaskModel(mlflow.pyfunc.PythonModel):
-    """A task's checkpoint as an MLflow pyfunc: a DataFrame with the modality columns in, labels out.
-
-    Raw images, audio or text are encoded with the encoders the model was trained on."""
-
-    def load_context(self, context):
-        from pipeline.checkpoint import load_model
-
-        self.model, self.spec = load_model(context.artifacts["checkpoint"])
-        self.encoders = {}
-
-    def _encode(self, column: str, values: np.ndarray, rates) -> np.ndarray:
-        from models.encoders import create_encoder
-
-        spec = self.spec.get("encoders", {}).get(column)
-        if spec is None or not any(isinstance(v, (bytes, str)) for v in values):
-            return values  # already features
-        if column not in self.encoders:
-            self.encoders[column] = create_encoder(spec, self.spec["tokens"])
-        encoder, out = self.encoders[column], np.empty(len(values), dtype=object)
-        rows = [i for i, v in enumerate(values) if v is not None]
-        kwargs = {"sample_rates": [rates[i] for i in rows]} if encoder.kind == "audio" and rates is not None else {}
-        for i, e in zip(rows, encoder.encode([values[i] for i in rows], **kwargs) if rows else []):
-            out[i] = e.reshape(-1)
-        return out
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from pipeline.evaluate import predict
-
-        missing = [m for m in self.spec["modalities"] if m not in model_input.columns]
-        if missing:
-            raise ValueError(f"input lacks the model's modality columns: {', '.join(missing)}")
-        rates = model_input["sample_rate"].to_numpy() if "sample_rate" in model_input.columns else None
-        columns = {m: self._encode(m, model_input[m].to_numpy(), rates) for m in self.spec["modalities"]}
-        columns["label"] = np.zeros(len(model_input), dtype=np.int64)
-        index = predict(self.model, columns, self.spec["modalities"])
-        order = np.asarray(self.spec["class_order"])
-        return pd.DataFrame({"prediction": order[index]})
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -269,8 +229,7 @@ class Tracker:
             return str(found[0].version)
         mlflow.set_tracking_uri(self.uri)  # the fluent API and the registry's model-URI lookup use it
         with mlflow.start_run(run_id=run_id):
-            info = retry(mlflow.pyfunc.log_model, name=f"task-{task_index}", python_model=TaskModel(),
-                         artifacts={"checkpoint": str(checkpoint_dir)}, pip_requirements=MODEL_REQUIREMENTS)
+            info = retry(log_task_model, f"task-{task_index}", str(checkpoint_dir))
         tags = {"mmcl.task_index": str(task_index), "mmcl.run_id": run_id, **lineage}
         try:
             self.client.create_registered_model(self.model_name)
@@ -420,8 +379,7 @@ class NoTracker:
 
 def predict(uri: str, model_uri: str, frame: pd.DataFrame) -> pd.DataFrame:
     """A registered (or logged) model's predictions, the model read from the store at `uri`."""
-    mlflow.set_tracking_uri(uri)
-    return mlflow.pyfunc.load_model(model_uri).predict(frame)
+    return load_task_model(model_uri, uri).predict(frame)
 
 
 def model_versions(uri: str, name: str) -> list:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from models.losses import LossWeights
 from models.methods import ContinualModel
-from pipeline.checkpoint import build_model, load_model, save_model
+from pipeline.checkpoint import build_model, load_model, load_tensors, save_model
 from pipeline.data import batch_to_arrays
 from pipeline.streams import EVAL, ROWS, chosen, stream_names, train_stream
 
@@ -229,7 +229,7 @@ class LocalStepper(Stepper):
                    Path(folder) / "local.pt")
 
     def load(self, folder):
-        saved = torch.load(Path(folder) / "local.pt", weights_only=False)
+        saved = load_tensors(Path(folder) / "local.pt")
         self.adapter.load_state_dict(saved["adapter"])
         self.optimizer.load_state_dict(saved["optimizer"])
 
@@ -240,6 +240,7 @@ class DeepSpeedStepper(Stepper):
 
         self.engine, *_ = deepspeed.initialize(model=adapter_of(model), optimizer=adamw(params, train),
                                                config=deepspeed_config(train))
+        self.engine.checkpoint_engine = weights_only_engine(self.engine._config)
 
     def step(self, loss):
         self.engine.backward(loss)
@@ -250,6 +251,21 @@ class DeepSpeedStepper(Stepper):
 
     def load(self, folder):
         self.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+
+
+def weights_only_engine(config=None):
+    """DeepSpeed's torch checkpoint engine with its files read by the weights-only unpickler (DeepSpeed
+    unpickles them in full), allowing the three DeepSpeed classes that ZeRO's optimizer states hold."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path, map_location=None):
+            return load_tensors(path, (LossScaler, ZeroStageEnum, fragment_address), map_location)
+
+    return WeightsOnly(config)
 
 
 def learn_task(model: ContinualModel, rows: Shard, task: dict, config: dict, new_stepper, on_epoch,

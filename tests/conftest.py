@@ -1,3 +1,4 @@
+import ipaddress
 import os
 import signal
 import socket
@@ -43,6 +44,31 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)
+
+
+def listening(pid: int) -> dict[str, set[str]]:
+    """The addresses that `pid` and every process it started listen on (TCP and UDP), each with the
+    names of the processes bound there."""
+    import psutil
+
+    found = {}
+    try:
+        family = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return found
+    for p in family:
+        try:
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr):
+                    found.setdefault(c.laddr.ip, set()).add(p.name())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def free_port() -> int:

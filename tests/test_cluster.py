@@ -155,7 +155,7 @@ def test_two_nodes_shared_storage_mlflow_over_http_and_a_lost_node(two_nodes, ml
     assert sorted(r["tags"]["mmcl.task_index"] for r in children) == ["0", "1", "2"]
     assert len(versions(mlflow_server, "synthetic-text-class-il-cmoe")) == 3
     mlflow.set_tracking_uri(mlflow_server)  # the task's model, uploaded through the server and read back
-    assert mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/1").unwrap_python_model().model.head_size
+    assert mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/1").get_raw_model().model.head_size
     assert not (tmp_path / "out" / "mlartifacts").exists()
 
 

@@ -53,7 +53,7 @@ def test_the_workers_evaluation_gives_the_drivers_numbers(synthetic, tmp_path, r
     targets = np.array([scenario.class_order.index(v) for v in labels])
     for i, row in enumerate(result["acc_matrix"]):
         version = client.search_model_versions(f"run_id = '{children[i].info.run_id}'")[0]
-        task_model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").unwrap_python_model()
+        task_model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").get_raw_model()
         model, spec = task_model.model, task_model.spec
         assert accuracy_row(model, columns, test, i, targets, spec["modalities"]) == row
 

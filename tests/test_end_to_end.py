@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import kill_tree
+from conftest import is_loopback, kill_tree, listening
 from pipeline.cli import main
+from test_security import CreatesFile
 
 pytestmark = pytest.mark.slow
 SHORT = ["--tasks", "2", "train.epochs=3"]
@@ -101,23 +103,40 @@ def test_sequence_end_to_end(ray_local, tmp_path, capsys):
 
 
 def test_a_killed_sequence_resumes_at_the_last_finished_task(ray_local, tmp_path, capsys):
+    """The default path as users start it (a local Ray of its own), which listens on loopback only
+    all along, killed after its first task; a rerun refuses that task's checkpoint crafted to run
+    code, and resumes from the real one."""
     args = ["--tasks", "3", "train.epochs=2", f"output_dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
     try:
         deadline = time.time() + 400
-        state_file = None
+        state_file, bound = None, {}
         while time.time() < deadline and proc.poll() is None:
+            for ip, names in listening(proc.pid).items():
+                bound.setdefault(ip, set()).update(names)
             found = list(tmp_path.glob("*/state.json"))
             if found and len(json.loads(found[0].read_text())["tasks"]) >= 1:
                 state_file = found[0]
                 break
-            time.sleep(1)
+            time.sleep(0.5)
         assert state_file is not None, "the first task never finished"
     finally:
         kill_tree(proc)
+    names = set().union(*bound.values())
+    assert {"gcs_server", "raylet"} <= names and any("TrainWorker" in n for n in names), names
+    assert all(is_loopback(ip) for ip in bound), {ip: n for ip, n in bound.items() if not is_loopback(ip)}
     before = json.loads(state_file.read_text())
     assert len(before["tasks"]) < 3, "the run finished before it could be killed"
+
+    last, marker = Path(before["tasks"][-1]["local"]), tmp_path / "ran"  # its checkpoint swapped for a crafted one
+    (last / "model.safetensors").rename(tmp_path / "model.safetensors")
+    torch.save({"spec": CreatesFile(marker), "state_dict": {}}, last / "model.pt")
+    assert main(["run", *args]) == 2
+    assert "model.pt: refused to load, it calls posix.system" in capsys.readouterr().err
+    assert not marker.exists() and json.loads(state_file.read_text()) == before
+    (last / "model.pt").unlink()
+    (tmp_path / "model.safetensors").rename(last / "model.safetensors")
 
     out = tmp_path / "r.json"
     assert main(["run", "--out", str(out), *args]) == 0

@@ -1,0 +1,84 @@
+"""A task's model as an MLflow pyfunc by loader module: a logged model holds the checkpoint's files
+(safetensors and JSON) and no pickle, and MLflow loads it by importing this module and calling
+`_load_pyfunc`, so loading runs installed code only."""
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.checkpoint import CheckpointError, load_model
+
+REQUIREMENTS = ["torch", "numpy", "pandas", "pyarrow", "safetensors"]
+
+
+class TaskModel:
+    """A DataFrame with the modality columns in, labels out. Raw images, audio or text are encoded
+    with the encoders the model was trained on."""
+
+    def __init__(self, folder: str | Path):
+        self.model, self.spec = load_model(folder)
+        self.encoders = {}
+
+    def get_raw_model(self):
+        """What `mlflow.pyfunc.load_model(uri).get_raw_model()` gives: this, with `.model` and `.spec`."""
+        return self
+
+    def _encode(self, column: str, values: np.ndarray, rates) -> np.ndarray:
+        from models.encoders import create_encoder
+
+        spec = self.spec.get("encoders", {}).get(column)
+        if spec is None or not any(isinstance(v, (bytes, str)) for v in values):
+            return values  # already features
+        if column not in self.encoders:
+            self.encoders[column] = create_encoder(spec, self.spec["tokens"])
+        encoder, out = self.encoders[column], np.empty(len(values), dtype=object)
+        rows = [i for i, v in enumerate(values) if v is not None]
+        kwargs = {"sample_rates": [rates[i] for i in rows]} if encoder.kind == "audio" and rates is not None else {}
+        for i, e in zip(rows, encoder.encode([values[i] for i in rows], **kwargs) if rows else []):
+            out[i] = e.reshape(-1)
+        return out
+
+    def predict(self, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from pipeline.evaluate import predict
+
+        missing = [m for m in self.spec["modalities"] if m not in model_input.columns]
+        if missing:
+            raise ValueError(f"input lacks the model's modality columns: {', '.join(missing)}")
+        rates = model_input["sample_rate"].to_numpy() if "sample_rate" in model_input.columns else None
+        columns = {m: self._encode(m, model_input[m].to_numpy(), rates) for m in self.spec["modalities"]}
+        columns["label"] = np.zeros(len(model_input), dtype=np.int64)
+        index = predict(self.model, columns, self.spec["modalities"])
+        order = np.asarray(self.spec["class_order"])
+        return pd.DataFrame({"prediction": order[index]})
+
+
+def _load_pyfunc(data_path: str, model_config=None) -> TaskModel:
+    return TaskModel(data_path)
+
+
+def log_task_model(name: str, checkpoint_dir: str):
+    """Logs the checkpoint as model `name` of the active run; returns MLflow's ModelInfo."""
+    return mlflow.pyfunc.log_model(name=name, loader_module=__name__, data_path=checkpoint_dir,
+                                   pip_requirements=REQUIREMENTS)
+
+
+def load_task_model(model_uri: str, tracking_uri: str) -> TaskModel:
+    """A logged or registered model, its MLmodel checked to name this module before its checkpoint
+    is read: mlflow.pyfunc.load_model would import whatever loader a crafted MLmodel names, or
+    unpickle its python_model.pkl. Versions logged before this module (a pickled PythonModel with the
+    checkpoint as its artifact) load from that checkpoint, their pickle unread."""
+    mlflow.set_tracking_uri(tracking_uri)  # models:/ resolves in the global registry, whatever it is passed
+    with tempfile.TemporaryDirectory(prefix="mmcl-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+        loader = flavor.get("loader_module")
+        if loader == __name__:
+            return TaskModel(local / flavor["data"])
+        earlier = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
+        if loader == "mlflow.pyfunc.model" and earlier:
+            return TaskModel(local / earlier)
+        raise CheckpointError(f"{model_uri}: not a model that mmcl logged (its pyfunc loader is {loader}); "
+                              "mmcl loads only its own, whose files hold no code")
