@@ -1,6 +1,7 @@
 """`mmcl`: a thin face over the driver and the data tools."""
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -201,6 +202,7 @@ def _predict(args) -> int:
     from pipeline.data import DataError, read_parquet
     from pipeline.tracking import TRACKING_ERRORS, predict
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         uri = _existing_store(args.tracking_uri)
         table = read_parquet(args.input)
@@ -252,7 +254,6 @@ def _existing_store(uri: str | None) -> str:
 
 
 def _ui(args) -> int:
-    import os
     import signal
     import subprocess
 
@@ -283,7 +284,6 @@ def _ui(args) -> int:
 def stop_process_group(proc, grace_s: float = 10) -> None:
     """SIGTERM a server started with start_new_session (its workers share its group); SIGKILL after
     `grace_s`, since uvicorn's graceful shutdown waits for clients to close their connections."""
-    import os
     import signal
     import subprocess
 
