@@ -39,7 +39,7 @@ class CraftedModel(mlflow.pyfunc.PythonModel):
     def __reduce__(self):
         return os.system, (f"touch {self.path}",)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
         return model_input
 
 
