@@ -85,8 +85,8 @@ class TreeSampler(threading.Thread):
 
 
 def measure(folder: Path, out: Path, rows: int, args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--data", str(folder), "--tasks", "2", "train.epochs=2",
-           "tracking.enabled=false", f"output_dir={out}", "--force", *args]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--data", str(folder), "--tasks", "2", "--force",
+           "train.epochs=2", "tracking.enabled=false", f"output_dir={out}", *args]
     start, lines = time.time(), []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -440,9 +440,9 @@ def check_source(path: str | Path) -> tuple[MultiModalData, list[Problem]]:
         table = table.replace_schema_metadata(schema.metadata)
         manifest = read_manifest(path) if Path(path).is_dir() else None
         encoded = manifest["modalities"] if manifest else None
-        head = source.head(HEAD_ROWS, columns=[f.name for f in schema if f.name not in REQUIRED
-                                                and f.name not in RESERVED and _is_list(f.type)])
-        firsts = {f.name: source.scanner(columns=[f.name], filter=pc.field(f.name).is_valid()).head(1)[f.name]
+        head = first_rows(files, schema, [f.name for f in schema if f.name not in REQUIRED
+                                          and f.name not in RESERVED and _is_list(f.type)], HEAD_ROWS)
+        firsts = {f.name: first_valid(files, f.name)
                   for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
     except (pa.ArrowInvalid, OSError) as e:
         if "Expected all lists to be of size" in str(e):
@@ -471,6 +471,33 @@ def check_source(path: str | Path) -> tuple[MultiModalData, list[Problem]]:
         return encoded_data(label, table, encoded, nulls), problems
     vectors = {m: widths[m] for m, k in kinds.items() if k == "vector"}
     return MultiModalData(label, table, kinds, vectors, {m: 1 for m in vectors}, nulls), problems
+
+
+def first_rows(files: list[str], schema: pa.Schema, columns: list[str], rows: int) -> pa.Table:
+    """The first `rows` rows of `columns`, read a row group at a time (pyarrow's Dataset.head reads
+    batches of 131,072 rows several files ahead: gigabytes of features in the driver)."""
+    tables, n = [], 0
+    for file in files:
+        source = pq.ParquetFile(file)
+        for g in range(source.num_row_groups):
+            tables.append(source.read_row_group(g, columns=columns))
+            n += tables[-1].num_rows
+            if n >= rows:
+                return pa.concat_tables(tables).slice(0, rows)
+    return pa.concat_tables(tables) if tables else schema.empty_table().select(columns)
+
+
+def first_valid(files: list[str], column: str, batch_rows: int = 16) -> pa.Array:
+    """The column's first non-null value (a length-1 array; empty if it has none), read a few rows at
+    a time: each may be a whole image or recording."""
+    for file in files:
+        source = pq.ParquetFile(file)
+        for g in range(source.num_row_groups):
+            for batch in source.iter_batches(batch_rows, row_groups=[g], columns=[column]):
+                valid = batch.column(0).drop_null()
+                if len(valid):
+                    return valid[:1]
+    return pa.array([])
 
 
 def check_part(part: dict, kinds: dict[str, str], widths: dict[str, int], rates: bool, names: dict) -> dict:
@@ -549,7 +576,7 @@ def vector_widths(path: str | Path) -> dict[str, int]:
         if pa.types.is_fixed_size_list(f.type):
             widths[f.name] = f.type.list_size
         else:
-            first = source.scanner(columns=[f.name], filter=pc.field(f.name).is_valid()).head(1)[f.name]
+            first = first_valid(parquet_files(path), f.name)
             widths[f.name] = len(first[0]) if len(first) else 0
     return widths
 

@@ -117,6 +117,8 @@ def init_ray(cfg: RunConfig, verbose: bool) -> None:
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore" if not verbose else "default"}
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    elif starts_local:  # NCCL's bootstrap sockets, on loopback like the rest (one machine: NVLink or SHM move the data)
+        env["NCCL_SOCKET_IFNAME"] = os.environ.get("NCCL_SOCKET_IFNAME", "lo")
     with loopback_only() if starts_local else nullcontext():
         ray.init(address=cfg.ray_address, runtime_env={"env_vars": env},
                  logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose,

@@ -151,3 +151,25 @@ def test_a_null_in_a_fixed_size_list_column_is_named(tmp_path, capsys):
     assert main(["data", "validate", str(tmp_path / "fsl.parquet")]) == 1
     out = capsys.readouterr().out
     assert "fsl.parquet, column 'v': a fixed-size list with null rows" in out and "list<float>" in out
+
+
+def test_the_drivers_check_reads_the_modality_columns_a_row_group_at_a_time(tmp_path):
+    """Four files of 16 MiB of vectors in row groups of 2 MiB: the check in the driver (no Ray: its
+    parts in this process too) allocates a few row groups' worth (14 MiB), not the files' (134 MiB
+    when the first rows were read with pyarrow's Dataset.head)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    for f in range(4):
+        n = 8192
+        cols = {"sample_id": [f"s{f}-{i}" for i in range(n)], "label": (np.arange(n) % 3).tolist(),
+                "label_name": [f"c{i % 3}" for i in range(n)], "domain": ["d"] * n, "split": ["train"] * n,
+                "v": pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=n * 512).astype(np.float32)), 512)}
+        pq.write_table(pa.table(cols), tmp_path / f"part-{f}.parquet", row_group_size=1024)
+    probe = ("import sys, pyarrow as pa; from pipeline.data import check_source; "
+             "data, problems = check_source(sys.argv[1]); assert data.modalities == {'v': 512}, data.modalities; "
+             "print(pa.default_memory_pool().max_memory())")
+    peak = int(subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                              check=True).stdout.split()[-1])
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB"
