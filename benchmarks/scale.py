@@ -4,8 +4,10 @@ Per size: a synthetic table in the shape of a feature cache (10 classes, vector 
 and 512 floats, 80% train, a Parquet folder of 8 files) is written under --out, then
 `mmcl run --data DIR --tasks 2 train.epochs=2 tracking.enabled=false` runs on it (default two
 workers) while the whole process tree is sampled every second. Reported: wall time, peak PSS of
-the tree, peak RSS of the driver and of the largest Ray Train worker, time to the first training
-step, and training rows/s in the second epoch (after warm-up). Tables go to results/scale.md.
+the tree, peak RSS of the driver and of the largest Ray Train worker and their peak USS (private
+memory: a worker's RSS also counts the object-store pages it has read blocks from), time to the
+first training step, and training rows/s in the second epoch (after warm-up). Tables go to
+results/scale.md.
 """
 import argparse
 import json
@@ -62,7 +64,7 @@ class TreeSampler(threading.Thread):
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.root, self.stop = psutil.Process(pid), threading.Event()
-        self.peak = {"tree_pss": 0, "driver_rss": 0, "worker_rss": 0}
+        self.peak = {"tree_pss": 0, "driver_rss": 0, "worker_rss": 0, "driver_uss": 0, "worker_uss": 0}
 
     def run(self):
         while not self.stop.wait(1.0):
@@ -75,10 +77,11 @@ class TreeSampler(threading.Thread):
                 try:
                     info = p.memory_full_info()
                     pss += info.pss
-                    if p.pid == self.root.pid:
-                        self.peak["driver_rss"] = max(self.peak["driver_rss"], info.rss)
-                    elif "RayTrainWorker" in " ".join(p.cmdline()):
-                        self.peak["worker_rss"] = max(self.peak["worker_rss"], info.rss)
+                    who = "driver" if p.pid == self.root.pid else "worker" if "RayTrainWorker" in " ".join(
+                        p.cmdline()) else None
+                    if who:
+                        self.peak[f"{who}_rss"] = max(self.peak[f"{who}_rss"], info.rss)
+                        self.peak[f"{who}_uss"] = max(self.peak[f"{who}_uss"], info.uss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             self.peak["tree_pss"] = max(self.peak["tree_pss"], pss)
@@ -107,16 +110,18 @@ def measure(folder: Path, out: Path, rows: int, args: list[str]) -> dict:
     gib = 2**30
     return {"rows": rows, "parquet_gib": round(sum(f.stat().st_size for f in folder.glob("*.parquet")) / gib, 2),
             "wall_s": round(wall), "tree_pss_gib": round(sampler.peak["tree_pss"] / gib, 2),
-            "driver_rss_gib": round(sampler.peak["driver_rss"] / gib, 2),
-            "worker_rss_gib": round(sampler.peak["worker_rss"] / gib, 2), "first_step_s": round(first_step),
+            **{f"{k}_gib": round(sampler.peak[k] / gib, 2) for k in ("driver_rss", "worker_rss", "driver_uss",
+                                                                     "worker_uss")},
+            "first_step_s": round(first_step),
             "rows_per_s": round(train_rows / max(second, 1))}
 
 
 def table(results: list[dict]) -> str:
-    head = ("| rows | Parquet GiB | wall s | peak PSS, all processes GiB | driver peak RSS GiB | "
-            "largest worker peak RSS GiB | first step s | epoch-2 rows/s |")
-    body = [f"| {r['rows']:,} | {r['parquet_gib']} | {r['wall_s']} | {r['tree_pss_gib']} | {r['driver_rss_gib']} | "
-            f"{r['worker_rss_gib']} | {r['first_step_s']} | {r['rows_per_s']:,} |" for r in results]
+    head = ("| rows | Parquet GiB | wall s | peak PSS, all processes GiB | driver peak RSS / USS GiB | "
+            "largest worker peak RSS / USS GiB | first step s | epoch-2 rows/s |")
+    body = [f"| {r['rows']:,} | {r['parquet_gib']} | {r['wall_s']} | {r['tree_pss_gib']} | {r['driver_rss_gib']} / "
+            f"{r['driver_uss_gib']} | {r['worker_rss_gib']} / {r['worker_uss_gib']} | {r['first_step_s']} | "
+            f"{r['rows_per_s']:,} |" for r in results]
     return "\n".join([head, "|---|---|---|---|---|---|---|---|", *body])
 
 
