@@ -8,7 +8,6 @@ written last and the folder renamed into place, so a half-written entry is never
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.data import FEATURES_MANIFEST, REQUIRED, DataError, MultiModalData, read_manifest, vector_widths
 
 FILE_ROWS = 16_384  # rows per file of a cache entry, at least (a write task's last file may hold fewer)
@@ -103,12 +103,12 @@ def cache_key(data_fingerprint: str, specs: dict[str, str], tokens: int) -> tupl
     return hashlib.sha256(blob.encode()).hexdigest()[:16], identities
 
 
-def entry_folder(cache_dir: Path, data_path: str, key: str) -> Path:
-    return Path(cache_dir) / f"{Path(data_path).stem}-{key}"
+def entry_folder(cache_dir: str, data_path: str, key: str) -> str:
+    return storage.join(cache_dir, f"{Path(storage.name(data_path)).stem}-{key}")
 
 
 def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str, str], tokens: int,
-                   cache_dir: str | Path, actors: int = 0, batch_size: int = 32, log=print) -> Path:
+                   cache_dir: str, actors: int = 0, batch_size: int = 32, log=print) -> str:
     """The cache folder for `data` under its encoders, encoding it first if no complete entry exists.
     Ray Data reads the data file, the actor pool encodes, write tasks write the entry's files: no row
     passes through this process."""
@@ -126,7 +126,7 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = actors or max(1, cpus // 2)
     rows = data.table.num_rows
-    tmp = Path(cache_dir) / f".building-{folder.name}-{uuid.uuid4().hex[:8]}"
+    tmp = storage.join(cache_dir, f".building-{storage.name(folder)}-{uuid.uuid4().hex[:8]}")
     log(f"Features: encoding {rows} rows ({', '.join(f'{c}: {s}' for c, s in specs.items())}) "
         f"with {actors} actor(s) into {folder}")
     started = time.time()
@@ -139,38 +139,49 @@ def build_features(data: MultiModalData, data_fingerprint: str, chosen: dict[str
                                                 "nullable": data.nullable},
             batch_size=batch_size, batch_format="pyarrow", concurrency=actors, num_cpus=1)
         ds.context.execution_options.preserve_order = True  # the files in the data file's row order
-        tmp.mkdir(parents=True)
-        ds.write_parquet(str(tmp), min_rows_per_file=FILE_ROWS, ray_remote_args=on_this_node(str(tmp)))
-        widths = vector_widths(str(tmp))
+        storage.make_dirs(tmp)
+        ds.write_parquet(tmp, min_rows_per_file=FILE_ROWS, ray_remote_args=on_this_node(tmp))
+        widths = vector_widths(tmp)
         modalities = {c: {"kind": "vector", "dim": data.modalities[c], "tokens": 1}
                       for c, k in data.kinds.items() if k == "vector"}
         modalities.update({c: {"kind": data.kinds[c], "dim": widths.get(c, 0) // tokens, "tokens": tokens,
                                "encoder": identities[c]} for c, s in specs.items()})
-        manifest = {"key": key, "source": str(Path(data.path).resolve()), "source_fingerprint": data_fingerprint,
+        source = data.path if storage.is_uri(data.path) else str(Path(data.path).resolve())
+        manifest = {"key": key, "source": source, "source_fingerprint": data_fingerprint,
                     "rows": rows, "modalities": modalities, "seconds": round(time.time() - started, 1),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / FEATURES_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another build finished first; its entry is as good as ours
-            if not read_manifest(folder):
-                raise
+        publish(tmp, folder, json.dumps(manifest, indent=1))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.remove_tree(tmp)
     log(f"Features: {rows} rows encoded in {time.time() - started:.0f}s")
     return folder
 
 
+def publish(tmp: str, folder: str, manifest: str) -> None:
+    """Puts a built entry in place, its manifest last. A local folder is renamed (atomic); on object
+    storage, which has no rename, its files move one by one under fixed names before the manifest.
+    Another build that finished first wins: its entry is as good as ours."""
+    if not storage.is_uri(folder):
+        storage.write_text(storage.join(tmp, FEATURES_MANIFEST), manifest)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not read_manifest(folder):
+                raise
+        return
+    if read_manifest(folder):
+        return
+    for i, (file, _) in enumerate(storage.files_under(tmp)):
+        storage.move(file, storage.join(folder, f"part-{i:05d}.parquet"))
+    storage.write_text(storage.join(folder, FEATURES_MANIFEST), manifest)
+
+
 def list_entries(cache_dir: str | Path) -> list[dict]:
     """Complete entries (with their manifests) and unfinished builds (manifest None)."""
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        return []
     out = []
-    for folder in sorted(cache_dir.iterdir()):
-        if folder.is_dir():
-            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            out.append({"folder": str(folder), "manifest": read_manifest(folder), "bytes": size})
+    for folder in storage.folders_in(cache_dir):
+        size = sum(size for _, size in storage.files_under(folder))
+        out.append({"folder": folder, "manifest": read_manifest(folder), "bytes": size})
     return out
 
 
@@ -178,8 +189,7 @@ def clear_entries(cache_dir: str | Path, keys: list[str] = ()) -> list[str]:
     """Removes the entries whose folder name or key matches one of `keys` (all when empty)."""
     removed = []
     for entry in list_entries(cache_dir):
-        name = Path(entry["folder"]).name
-        if not keys or any(k in name for k in keys):
-            shutil.rmtree(entry["folder"])
+        if not keys or any(k in storage.name(entry["folder"]) for k in keys):
+            storage.remove_tree(entry["folder"])
             removed.append(entry["folder"])
     return removed

@@ -83,8 +83,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
-    def cache_dir(self) -> Path:
-        return Path(self.cache.dir or Path(self.output_dir) / "cache")
+    def cache_dir(self) -> str:
+        return self.cache.dir or str(Path(self.output_dir) / "cache")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

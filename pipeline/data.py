@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
+
 REQUIRED = {"sample_id": "string", "label": "integer", "label_name": "string", "domain": "string", "split": "string"}
 RESERVED = {"sample_rate": "integer",  # per-row rate of audio given as samples
             "group": "string"}  # rows that share one are never split between train and val
@@ -369,13 +371,14 @@ def read_parquet(path: str | Path) -> pa.Table:
         raise DataError(f"{path}: not a readable Parquet file or folder: {e}") from e
 
 
-def _null_in_fixed_size_list(path: Path) -> str:
+def _null_in_fixed_size_list(path: str) -> str:
     """pyarrow writes nulls in a fixed_size_list column but cannot read them back."""
-    columns = [f.name for f in pq.read_schema(path) if pa.types.is_fixed_size_list(f.type)]
+    source = storage.parquet_file(parquet_files(path)[0])
+    columns = [f.name for f in source.schema_arrow if pa.types.is_fixed_size_list(f.type)]
     bad = []
     for name in columns:
         try:
-            pq.read_table(path, columns=[name])
+            source.read(columns=[name])
         except pa.ArrowInvalid:
             bad.append(name)
     return (f"{path}, column{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad or columns))}: a fixed-size list "
@@ -385,8 +388,8 @@ def _null_in_fixed_size_list(path: Path) -> str:
 
 def read_manifest(path: str | Path) -> dict | None:
     """A feature cache folder's manifest, None for anything else."""
-    manifest = Path(path) / FEATURES_MANIFEST
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    manifest = storage.join(path, FEATURES_MANIFEST)
+    return json.loads(storage.read_text(manifest)) if storage.info(manifest).is_file else None
 
 
 def load_data(path: str | Path) -> MultiModalData:
@@ -404,14 +407,18 @@ HEAD_ROWS = 1024  # rows whose vectors set the length every vector of the column
 
 
 def parquet_files(path: str | Path) -> list[str]:
-    """The Parquet files of a file or folder, in order (names starting with _ or . left out, as pyarrow does)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_file():
+    """The Parquet files of a file or folder (a local path or a URI), in order (names starting with
+    _ or . left out, as pyarrow does)."""
+    if problem := storage.unreachable(path):
+        raise DataError(f"{path}: {problem}")
+    found = storage.info(path)
+    if found.is_file:
         return [str(path)]
-    return sorted(str(f) for f in path.rglob("*.parquet")
-                  if not any(part.startswith(("_", ".")) for part in f.relative_to(path).parts))
+    if not storage.is_dir(path):
+        raise DataError(f"data file not found: {path}")
+    base = str(path).rstrip("/") + "/"
+    return [f for f, _ in storage.files_under(path) if f.endswith(".parquet")
+            and not any(part.startswith(("_", ".")) for part in f[len(base):].split("/"))]
 
 
 def parquet_parts(path: str | Path | list[str]) -> list[dict]:
@@ -419,7 +426,7 @@ def parquet_parts(path: str | Path | list[str]) -> list[dict]:
     first row's number in the file, its rows."""
     parts = []
     for file in path if isinstance(path, list) else parquet_files(path):
-        meta, offset = pq.ParquetFile(file).metadata, 0
+        meta, offset = storage.parquet_file(file).metadata, 0
         for g in range(meta.num_row_groups):
             parts.append({"file": file, "row_group": g, "offset": offset, "rows": meta.row_group(g).num_rows})
             offset += meta.row_group(g).num_rows
@@ -430,15 +437,13 @@ def check_source(path: str | Path) -> tuple[MultiModalData, list[Problem]]:
     """Every problem of a file or folder, reading only the schema and the plan's columns here: the
     modality columns are checked part by part (a row group each), as Ray Data tasks when there are
     several and this is a Ray driver, else in this process. Rows are numbered within each file."""
-    import pyarrow.dataset as pads
-
     files, label = parquet_files(path), str(path)
     try:
-        source = pads.dataset(files, format="parquet")
+        source = storage.parquet_dataset(files)
         schema = source.schema
         table = source.to_table(columns=[c for c in PLAN_COLUMNS if c in schema.names])
         table = table.replace_schema_metadata(schema.metadata)
-        manifest = read_manifest(path) if Path(path).is_dir() else None
+        manifest = read_manifest(path) if storage.is_dir(path) else None
         encoded = manifest["modalities"] if manifest else None
         head = first_rows(files, schema, [f.name for f in schema if f.name not in REQUIRED
                                           and f.name not in RESERVED and _is_list(f.type)], HEAD_ROWS)
@@ -446,7 +451,7 @@ def check_source(path: str | Path) -> tuple[MultiModalData, list[Problem]]:
                   for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
     except (pa.ArrowInvalid, OSError) as e:
         if "Expected all lists to be of size" in str(e):
-            raise DataError(_null_in_fixed_size_list(Path(files[0]))) from e
+            raise DataError(_null_in_fixed_size_list(files[0])) from e
         raise DataError(f"{path}: not a readable Parquet file or folder: {e}") from e
     if encoded:
         kinds = {m: "vector" for m in encoded}
@@ -478,7 +483,7 @@ def first_rows(files: list[str], schema: pa.Schema, columns: list[str], rows: in
     batches of 131,072 rows several files ahead: gigabytes of features in the driver)."""
     tables, n = [], 0
     for file in files:
-        source = pq.ParquetFile(file)
+        source = storage.parquet_file(file)
         for g in range(source.num_row_groups):
             tables.append(source.read_row_group(g, columns=columns))
             n += tables[-1].num_rows
@@ -491,7 +496,7 @@ def first_valid(files: list[str], column: str, batch_rows: int = 16) -> pa.Array
     """The column's first non-null value (a length-1 array; empty if it has none), read a few rows at
     a time: each may be a whole image or recording."""
     for file in files:
-        source = pq.ParquetFile(file)
+        source = storage.parquet_file(file)
         for g in range(source.num_row_groups):
             for batch in source.iter_batches(batch_rows, row_groups=[g], columns=[column]):
                 valid = batch.column(0).drop_null()
@@ -506,7 +511,7 @@ def check_part(part: dict, kinds: dict[str, str], widths: dict[str, int], rates:
     columns = [*kinds, *(["sample_rate"] if rates else [])]
     offset = part["offset"]
     try:
-        batches = pq.ParquetFile(file).iter_batches(PART_ROWS, row_groups=[part["row_group"]], columns=columns)
+        batches = storage.parquet_file(file).iter_batches(PART_ROWS, row_groups=[part["row_group"]], columns=columns)
         for batch in batches:
             one = check_modalities(pa.Table.from_batches([batch]), names[file], kinds, widths, offset)
             found["problems"] += one["problems"]
@@ -515,7 +520,7 @@ def check_part(part: dict, kinds: dict[str, str], widths: dict[str, int], rates:
                 found["nulls"][c] = found["nulls"].get(c, 0) + n
             offset += batch.num_rows
     except (pa.ArrowInvalid, OSError) as e:
-        message = _null_in_fixed_size_list(Path(file)) if "Expected all lists to be of size" in str(e) else \
+        message = _null_in_fixed_size_list(file) if "Expected all lists to be of size" in str(e) else \
             f"{file}: not a readable Parquet file: {e}"
         found["problems"].append(Problem("error", names[file], None, [], message))
     found["problems"] = [vars(p) for p in found["problems"]]
@@ -567,9 +572,7 @@ PLAN_COLUMNS = [*REQUIRED, "group"]
 def vector_widths(path: str | Path) -> dict[str, int]:
     """Floats per row of each list<number> column of a Parquet file or folder (a feature cache's
     columns), from its schema (fixed-size lists) or its first non-null row (lists)."""
-    import pyarrow.dataset as pads
-
-    source, widths = pads.dataset(str(path), format="parquet"), {}
+    source, widths = storage.parquet_dataset(str(path)), {}
     for f in source.schema:
         if f.name in REQUIRED or f.name in RESERVED or not _is_numeric_list(f.type):
             continue
@@ -584,9 +587,7 @@ def vector_widths(path: str | Path) -> dict[str, int]:
 def plan_data(path: str | Path) -> MultiModalData:
     """A feature cache entry with only the columns a plan reads in its table; the modalities come
     from its manifest, and no feature is read."""
-    import pyarrow.dataset as pads
-
-    source = pads.dataset(str(path), format="parquet")
+    source = storage.parquet_dataset(str(path))
     table = source.to_table(columns=[c for c in PLAN_COLUMNS if c in source.schema.names])
     return encoded_data(str(path), table, read_manifest(path)["modalities"])
 

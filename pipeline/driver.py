@@ -11,6 +11,7 @@ import numpy as np
 import ray.train
 
 from models.methods import get_method
+from pipeline import storage
 from pipeline.benchmarks import benchmark_path
 from pipeline.cache import build_features, encoder_specs
 from pipeline.checkpoint import read_checkpoint
@@ -77,6 +78,9 @@ def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.nd
 def prepare_data(cfg: RunConfig, log=print, verbose: bool = False) -> PreparedData:
     """The data the model reads: the file itself, or its features from the cache (encoded first if
     needed), once `num_tasks` is set and checked against it. Only the plan's columns are read here."""
+    for key, where in (("cache.dir", cfg.cache.dir), ("storage_path", cfg.storage_path)):
+        if problem := storage.unreachable(where or ""):
+            raise ConfigError(f"{key}: {problem}")
     source = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
     init_ray(cfg, verbose)  # the modality columns are checked, encoded and read by Ray Data tasks
     data = load_data(source)

@@ -10,6 +10,7 @@ from pathlib import Path
 import ray.train
 from ray.train import UserCallback
 
+from pipeline import storage
 from pipeline.checkpoint import save_model
 from pipeline.config import RunConfig
 from pipeline.runtime import check_storage, init_ray, torch_config, worker_resources
@@ -82,7 +83,7 @@ class RayExecutor:
     def train(self, cfg: RunConfig, plan: dict, last: TaskRecord | None, run_dir: Path, verbose: bool, log,
               finish_task) -> None:
         plan = {**plan, "init_checkpoint": ray.train.Checkpoint(last.checkpoint) if last else None}
-        storage = cfg.storage_path or str((run_dir / "ray").resolve())
+        storage_path = cfg.storage_path or str((run_dir / "ray").resolve())
         stale = []
 
         def on_report(metrics: dict, checkpoint) -> None:
@@ -93,13 +94,13 @@ class RayExecutor:
             entry = metrics["entry"]
             local = run_dir / f"task-{entry['index']}"
             checkpoint.to_directory(str(local))
-            finish_task(entry, checkpoint.path, local)
+            finish_task(entry, storage.uri(checkpoint.filesystem, checkpoint.path), local)
             for c in stale:  # the task's epoch checkpoints and the previous task's
                 c.filesystem.delete_dir(c.path)
             stale[:] = [checkpoint]
 
         name = f"{run_dir.name}-from-task-{plan['first_task']}-{int(time.time())}"
-        fit_sequence(cfg, plan, name, storage, verbose, on_report)
+        fit_sequence(cfg, plan, name, storage_path, verbose, on_report)
 
     def run_many(self, configs: list[RunConfig], run_one, on_done) -> None:
         """Each sequence driven by a thread of this process, its workers holding their own CPUs: as many

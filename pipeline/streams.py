@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from pipeline import storage
 from ray.train import DataConfig
 
 EVAL = "eval"
@@ -51,7 +51,7 @@ def may_hold(parts: list[dict], wanted: dict[str, list], metadata: dict | None =
     `metadata`: file -> its Parquet metadata, filled as files are opened (shared by callers)."""
     metadata, kept = {} if metadata is None else metadata, []
     for p in parts:
-        meta = metadata.setdefault(p["file"], pq.ParquetFile(p["file"]).metadata)
+        meta = metadata.setdefault(p["file"], storage.parquet_file(p["file"]).metadata)
         group, names = meta.row_group(p["row_group"]), meta.schema.names
         for column, values in wanted.items():
             stats = group.column(names.index(column)).statistics if column in names else None
@@ -78,7 +78,7 @@ def stream_names(plan: dict) -> list[str]:
 def read_parts(parts: dict, columns: list[str], **select) -> Iterator[pa.Table]:
     """Ray Data: the selected rows of some row groups, READ_ROWS at a time."""
     for file, group in zip(parts["file"], parts["row_group"]):
-        for batch in pq.ParquetFile(file).iter_batches(READ_ROWS, row_groups=[int(group)], columns=columns):
+        for batch in storage.parquet_file(file).iter_batches(READ_ROWS, row_groups=[int(group)], columns=columns):
             yield select_rows(pa.Table.from_batches([batch]), **select)
 
 

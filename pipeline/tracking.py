@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID,
                                       MLFLOW_RUN_NOTE)
 
+from pipeline import storage
 from pipeline.config import ConfigError, RunConfig
 from pipeline.lock import file_lock
 from pipeline.pyfunc import load_task_model, log_task_model
@@ -54,15 +55,15 @@ def registered_model_name(cfg: RunConfig) -> str:
 
 
 def data_fingerprint(path: str | Path) -> str:
-    """sha256 over the bytes of the Parquet file, or of every file under the folder in order."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    """sha256 over the bytes of the Parquet file, or of every file under the folder in order (a
+    local path or a URI)."""
+    path = str(path).rstrip("/")
+    files = [f for f, _ in storage.files_under(path)] if storage.is_dir(path) else [path]
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h.update((f[len(path) + 1:] if f != path else storage.name(f)).encode())
+        for chunk in storage.chunks(f):
+            h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -292,7 +293,8 @@ def dataset_input(name: str, path: str, fingerprint: str, features: str | None) 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=fingerprint)
+    where = path if storage.is_uri(path) else str(Path(path).resolve())
+    dataset = MetaDataset(resolve_dataset_source(where), name=name, digest=fingerprint)
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, "train")] + ([InputTag("mmcl.features", features)] if features else [])
     return DatasetInput(dataset._to_mlflow_entity(), tags=tags)
 

@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -77,13 +78,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A real `mlflow server` on 127.0.0.1 over a store in `folder` (started again later, the same store)."""
+def start_mlflow_server(folder: Path, artifacts: str | None = None, env: dict | None = None
+                        ) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 over a store in `folder` (started again later, the same
+    store), serving artifacts it keeps at `artifacts` (default: a folder in `folder`)."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--artifacts-destination", artifacts or str(folder / "server-artifacts"), "--host", "127.0.0.1",
+         "--port", str(port),
          "--workers", "1"], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
@@ -108,6 +112,34 @@ def mlflow_server(tmp_path):
     proc, url = start_mlflow_server(tmp_path)
     try:
         yield url
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 with an empty bucket `mmcl`; `env` is what a
+    process (a driver, a `ray start` node, `mlflow server`) needs to use it, as a user's would hold
+    their endpoint and credentials."""
+    import boto3
+
+    port = free_port()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(env["AWS_ENDPOINT_URL"], timeout=5).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.25)
+        keys = {k.lower(): env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", **keys)
+        s3.create_bucket(Bucket="mmcl")
+        yield SimpleNamespace(env=env, client=s3, keys=lambda prefix: [o["Key"] for o in s3.get_paginator(
+            "list_objects_v2").paginate(Bucket="mmcl", Prefix=prefix).search("Contents[]") if o])
     finally:
         stop_server(proc)
 

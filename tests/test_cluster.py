@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this machine: a head and a second node, each a `ray start --block`
-process of its own. Train workers on both nodes, checkpoints in a storage_path both see, MLflow
-over HTTP through a real `mlflow server` (artifacts served by it), the second node's raylet
-killed mid-task, and `mmcl run` / `mmcl sweep` submitted through the Ray Jobs API."""
+process of its own, and a real S3 server (moto) that both nodes reach. Train workers on both nodes;
+the data, the feature cache, Ray Train's storage_path and MLflow's artifacts on S3; MLflow over HTTP
+through a real `mlflow server`; the second node's raylet killed mid-task; and `mmcl run` /
+`mmcl sweep` submitted through the Ray Jobs API."""
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import psutil
 import pytest
 import requests
 import yaml
-from conftest import free_port
+from conftest import free_port, start_mlflow_server, stop_server
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,13 +38,13 @@ def ray_list(kind: str, dashboard: str, *filters: str) -> list[dict]:
     return json.loads(out) if out.lstrip().startswith("[") else []  # "No resource in the cluster"
 
 
-def start_node(*args: str) -> subprocess.Popen:
+def start_node(env: dict, *args: str) -> subprocess.Popen:
     ports = {p: free_port() for p in ("node-manager-port", "object-manager-port", "metrics-export-port",
                                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                       "runtime-env-agent-port")}
     return subprocess.Popen([RAY, "start", "--block", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
                              *(f"--{k}={v}" for k, v in ports.items()), *args],
-                            env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop_node(proc: subprocess.Popen) -> None:
@@ -62,13 +63,15 @@ def stop_node(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(s3_server):
+    """The cluster, its nodes holding the S3 server's endpoint and credentials in their environment."""
+    env = {**s3_server.env, "RAY_AUTH_MODE": ENV["RAY_AUTH_MODE"]}
     subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
     gcs, dashboard = free_port(), free_port()
     # Short: Ray's socket paths have a length limit. A temp dir per node, as on separate machines:
     # nodes sharing one would unpack a job's working_dir into the same folder, each replacing the other's.
     temps = [tempfile.mkdtemp(prefix="rc-", dir="/tmp") for _ in range(2)]
-    head = start_node("--head", f"--port={gcs}", f"--temp-dir={temps[0]}", "--include-dashboard=true",
+    head = start_node(env, "--head", f"--port={gcs}", f"--temp-dir={temps[0]}", "--include-dashboard=true",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                       f"--ray-client-server-port={free_port()}", "--min-worker-port=10002", "--max-worker-port=14999")
     nodes = [head]
@@ -81,7 +84,7 @@ def two_nodes():
             except requests.RequestException:  # not listening yet, or too busy starting to answer
                 pass
             time.sleep(0.5)
-        nodes.append(start_node(f"--address=127.0.0.1:{gcs}", f"--temp-dir={temps[1]}",
+        nodes.append(start_node(env, f"--address=127.0.0.1:{gcs}", f"--temp-dir={temps[1]}",
                                 "--min-worker-port=15000", "--max-worker-port=19999"))
         refused = ""
         for _ in range(120):
@@ -93,7 +96,7 @@ def two_nodes():
             time.sleep(0.5)
         else:
             pytest.fail(f"the second node did not join {refused}")
-        yield SimpleNamespace(address=f"127.0.0.1:{gcs}", dashboard=url, second=nodes[1])
+        yield SimpleNamespace(address=f"127.0.0.1:{gcs}", dashboard=url, second=nodes[1], env=env, s3=s3_server)
     finally:
         for proc in reversed(nodes):
             stop_node(proc)
@@ -124,39 +127,57 @@ def versions(server: str, name: str) -> list[dict]:
     return found.json().get("model_versions", [])
 
 
-def test_two_nodes_shared_storage_mlflow_over_http_and_a_lost_node(two_nodes, mlflow_server, synthetic_text,
-                                                                   tmp_path):
-    shared = tmp_path / "shared"  # the storage both nodes see (an NFS mount or s3:// on a real cluster)
-    args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address, "--data", str(synthetic_text),
-            "--tasks", "3", "train.epochs=4", "model.projection=256", f"storage_path={shared}",
+def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(two_nodes, synthetic_text, tmp_path):
+    s3 = two_nodes.s3
+    s3.client.upload_file(str(synthetic_text), "mmcl", "data/synthetic-text.parquet")
+    server, mlflow_server = start_mlflow_server(tmp_path, "s3://mmcl/mlartifacts", two_nodes.env)
+    args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address,
+            "--data", "s3://mmcl/data/synthetic-text.parquet", "--tasks", "3", "train.epochs=4", "model.projection=256",
+            "cache.dir=s3://mmcl/cache", "storage_path=s3://mmcl/ray",
             "train.cpus_per_worker=2",  # one worker per node: tasks long enough to lose a node in
             f"tracking.uri={mlflow_server}", f"output_dir={tmp_path / 'out'}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, raylet = [], None
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        if "task 1/3 epoch 1/4" in line:
-            placed = train_worker_nodes(two_nodes.dashboard)
-        if "task 2/3 epoch 2/4" in line and raylet is None:  # the second node goes away mid-task
-            raylet = raylet_of(two_nodes.second)
-            threading.Timer(0.3, raylet.kill).start()
-    assert proc.wait() == 0, "\n".join(lines[-30:])
-    assert raylet is not None and not raylet.is_running()
-    assert len(set(placed.values())) == 2, placed  # one worker on each node
-    after = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in placed}
-    assert after and set(after.values()) < set(placed.values()), "\n".join(lines[-40:])  # restarted on the node left
-    assert sum("Task 2/3" in line for line in lines) == 1
-    assert "Features: encoding" in "\n".join(lines)  # the text column went through the encoders
+    try:
+        proc = subprocess.Popen(args, cwd=ROOT, env=two_nodes.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        lines, raylet = [], None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if "task 1/3 epoch 1/4" in line:
+                placed = train_worker_nodes(two_nodes.dashboard)
+            if "task 2/3 epoch 2/4" in line and raylet is None:  # the second node goes away mid-task
+                raylet = raylet_of(two_nodes.second)
+                threading.Timer(0.3, raylet.kill).start()
+        assert proc.wait() == 0, "\n".join(lines[-30:])
+        assert raylet is not None and not raylet.is_running()
+        assert len(set(placed.values())) == 2, placed  # one worker on each node
+        after = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in placed}
+        assert after and set(after.values()) < set(placed.values()), "\n".join(lines[-40:])  # restarted on the node left
+        assert sum("Task 2/3" in line for line in lines) == 1
+        assert "Features: encoding" in "\n".join(lines)  # the text column went through the encoders
 
-    runs = mlflow_runs(mlflow_server, "synthetic-text")
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r["tags"])
-    assert len(runs) == 4 and parent["info"]["status"] == "FINISHED"
-    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["info"]["run_id"]]
-    assert sorted(r["tags"]["mmcl.task_index"] for r in children) == ["0", "1", "2"]
-    assert len(versions(mlflow_server, "synthetic-text-class-il-cmoe")) == 3
-    mlflow.set_tracking_uri(mlflow_server)  # the task's model, uploaded through the server and read back
-    assert mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/1").get_raw_model().model.head_size
-    assert not (tmp_path / "out" / "mlartifacts").exists()
+        # The cache entry, the checkpoints and the models' artifacts are objects in the bucket, nothing on disk.
+        cache = s3.keys("cache/")
+        assert any(k.endswith("/_mmcl_features.json") for k in cache) and any(k.endswith(".parquet") for k in cache)
+        assert not any("/.building-" in k for k in cache), cache
+        # Ray Train's run (its task checkpoints released once the sequence ended), and no local copy of it.
+        assert any(k.endswith("/checkpoint_manager_snapshot.json") for k in s3.keys("ray/"))
+        assert not list((tmp_path / "out").glob("*/ray"))
+        assert any(k.endswith("MLmodel") for k in s3.keys("mlartifacts/"))
+        assert not (tmp_path / "server-artifacts").exists() and not (tmp_path / "out" / "mlartifacts").exists()
+        listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "ls", "cache.dir=s3://mmcl/cache"],
+                                cwd=ROOT, env=two_nodes.env, capture_output=True, text=True)
+        assert "240 rows of s3://mmcl/data/synthetic-text.parquet" in listed.stdout, listed.stdout + listed.stderr
+
+        runs = mlflow_runs(mlflow_server, "synthetic-text")
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r["tags"])
+        assert len(runs) == 4 and parent["info"]["status"] == "FINISHED"
+        children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["info"]["run_id"]]
+        assert sorted(r["tags"]["mmcl.task_index"] for r in children) == ["0", "1", "2"]
+        assert len(versions(mlflow_server, "synthetic-text-class-il-cmoe")) == 3
+        mlflow.set_tracking_uri(mlflow_server)  # the task's model, uploaded through the server and read back
+        assert mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/1").get_raw_model().model.head_size
+    finally:
+        stop_server(server)
 
 
 def test_run_and_sweep_submitted_as_ray_jobs(two_nodes, mlflow_server, tmp_path):

@@ -1,0 +1,37 @@
+"""Data kept on S3 (a real S3 server, moto, on 127.0.0.1) is checked as a local file is: a problem
+names the object, column and row; a bucket that is not there stops a run before Ray starts. The
+whole sequence on S3 (data, feature cache, checkpoints, MLflow artifacts) runs in test_cluster.py."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mmcl(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_data_on_s3_is_checked_like_a_local_file(s3_server, synthetic, tmp_path):
+    table = pq.read_table(synthetic)
+    vectors = table["a"].to_pylist()
+    vectors[120 + 3][0] = float("nan")  # row 3 of the folder's second file
+    table = table.set_column(table.schema.get_field_index("a"), "a", pa.array(vectors, table.schema.field("a").type))
+    for i, part in enumerate((table.slice(0, 120), table.slice(120))):
+        pq.write_table(part, tmp_path / f"part-{i}.parquet")
+        s3_server.client.upload_file(str(tmp_path / f"part-{i}.parquet"), "mmcl", f"data/part-{i}.parquet")
+
+    checked = mmcl(s3_server.env, "data", "validate", "s3://mmcl/data")
+    assert checked.returncode != 0
+    assert "s3://mmcl/data/part-1.parquet, column 'a', row 3: NaN or infinite values" in checked.stdout, checked.stdout
+    assert "part-0.parquet" not in checked.stdout
+
+    out = tmp_path / "out"
+    run = mmcl(s3_server.env, "run", "--data", "s3://mmcl/data", "cache.dir=s3://missing/cache",
+               "tracking.enabled=false", f"output_dir={out}")
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == ["mmcl: cache.dir: s3://missing not found"]
+    assert not out.exists()
