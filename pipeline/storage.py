@@ -43,10 +43,6 @@ def info(path) -> pafs.FileInfo:
     return fs.get_file_info(inner)
 
 
-def exists(path) -> bool:
-    return info(path).type != pafs.FileType.NotFound
-
-
 def is_dir(path) -> bool:
     return info(path).type == pafs.FileType.Directory
 
@@ -67,14 +63,10 @@ def folders_in(path) -> list[str]:
     return sorted(join(path, f.base_name) for f in found if f.type == pafs.FileType.Directory)
 
 
-def read_bytes(path) -> bytes:
+def read_text(path) -> str:
     fs, inner = resolve(path)
     with fs.open_input_stream(inner) as f:
-        return f.read()
-
-
-def read_text(path) -> str:
-    return read_bytes(path).decode()
+        return f.read().decode()
 
 
 def write_text(path, text: str) -> None:
