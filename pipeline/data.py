@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
 from pipeline import storage
 
@@ -414,7 +415,7 @@ def parquet_files(path: str | Path) -> list[str]:
     found = storage.info(path)
     if found.is_file:
         return [str(path)]
-    if not storage.is_dir(path):
+    if found.type != FileType.Directory:
         raise DataError(f"data file not found: {path}")
     base = str(path).rstrip("/") + "/"
     return [f for f, _ in storage.files_under(path) if f.endswith(".parquet")

@@ -18,14 +18,18 @@ def _filesystem(root: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(root)[0]
 
 
+def _root(uri: str) -> str:
+    """scheme://bucket of a URI."""
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
 def resolve(path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it). A URI's filesystem is made once per scheme and bucket."""
     path = str(path)
     if not is_uri(path):
         return pafs.LocalFileSystem(), str(Path(path).absolute())
-    scheme, rest = path.split("://", 1)
-    root = f"{scheme}://{rest.split('/', 1)[0]}"
-    return _filesystem(root), rest
+    return _filesystem(_root(path)), path.split("://", 1)[1]
 
 
 def join(base, *names: str) -> str:
@@ -83,8 +87,10 @@ def chunks(path, size: int = 1 << 20):
 
 
 def parquet_file(path) -> pq.ParquetFile:
+    if not is_uri(path):
+        return pq.ParquetFile(path)
     fs, inner = resolve(path)
-    return pq.ParquetFile(inner, filesystem=fs) if is_uri(path) else pq.ParquetFile(path)
+    return pq.ParquetFile(inner, filesystem=fs)
 
 
 def make_dirs(path) -> None:
@@ -109,18 +115,18 @@ def parquet_dataset(paths):
     """A pyarrow dataset over a folder, or over a list of files of one filesystem."""
     import pyarrow.dataset as pads
 
-    first = paths[0] if isinstance(paths, list) else paths
-    fs, _ = resolve(first)
-    inner = [resolve(p)[1] for p in paths] if isinstance(paths, list) else resolve(paths)[1]
-    return pads.dataset(inner, format="parquet", filesystem=fs)
+    if not isinstance(paths, list):
+        fs, inner = resolve(paths)
+        return pads.dataset(inner, format="parquet", filesystem=fs)
+    fs = resolve(paths[0])[0]
+    return pads.dataset([resolve(p)[1] for p in paths], format="parquet", filesystem=fs)
 
 
 def unreachable(path) -> str | None:
     """Why a URI's bucket (or container) cannot be used, None if it can; local paths are not checked."""
     if not is_uri(path):
         return None
-    scheme, rest = str(path).split("://", 1)
-    root = f"{scheme}://{rest.split('/', 1)[0]}"
+    root = _root(str(path))
     try:
         found = info(root)
     except OSError as e:
