@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from models.methods.analytic import held_out_groups
 from pipeline import storage
 from ray.train import DataConfig
 
@@ -34,7 +35,8 @@ def on_this_node(path: str) -> dict:
 
 def select_rows(batch: pa.Table, splits: list[str], column: str | None, values: list, val_ids: pa.Array) -> pa.Table:
     """The batch's rows in `splits` (the plan's splits: rows held out for validation are 'val') whose
-    `column` is one of `values` (every row when `column` is None)."""
+    `column` is one of `values` (every row when `column` is None), with `holdout`: the rows that
+    choose the analytic heads' ridge strength, whole groups (`group`, else `sample_id`) at a time."""
     split = batch["split"]
     if len(val_ids):
         ids = val_ids.cast(batch.schema.field("sample_id").type)
@@ -42,7 +44,11 @@ def select_rows(batch: pa.Table, splits: list[str], column: str | None, values: 
     keep = pc.is_in(split, value_set=pa.array(splits))
     if column is not None:
         keep = pc.and_(keep, pc.is_in(batch[column], value_set=pa.array(values, batch.schema.field(column).type)))
-    return batch.drop_columns(["sample_id", "split"]).append_column("split", split).filter(keep)
+    rows = batch.drop_columns(["split"]).append_column("split", split).filter(keep)
+    key = "group" if "group" in rows.column_names else "sample_id"
+    holdout = held_out_groups(rows[key].to_numpy(zero_copy_only=False))
+    dropped = [c for c in ("sample_id", "group") if c in rows.column_names]
+    return rows.drop_columns(dropped).append_column("holdout", pa.array(holdout))
 
 
 def may_hold(parts: list[dict], wanted: dict[str, list], metadata: dict | None = None) -> list[dict]:
@@ -107,10 +113,11 @@ def sequence_streams(plan: dict, in_process: bool = False) -> dict:
     from pipeline.data import parquet_parts
 
     data = plan["data"]
-    columns = ["sample_id", "label", "domain", "split", *plan["spec"]["modalities"]]
     parts = parquet_parts(data["path"])
+    metadata = {parts[0]["file"]: storage.parquet_file(parts[0]["file"]).metadata}  # each footer read once
+    grouped = "group" in metadata[parts[0]["file"]].schema.to_arrow_schema().names
+    columns = ["sample_id", *(["group"] if grouped else []), "label", "domain", "split", *plan["spec"]["modalities"]]
     val_ids = pa.array(data["val_ids"], pa.string())
-    metadata = {}  # each file's footer read once for every stream's may_hold
 
     def stream(parts, splits, column=None, values=()):
         # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for

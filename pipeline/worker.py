@@ -35,7 +35,7 @@ DEEPSPEED_TAG = "epoch"  # the engine's folder inside an epoch checkpoint
 
 class Rows:
     """Arrow rows as dense tensors (features per modality, present mask, head targets) plus the
-    columns that select tasks and splits."""
+    columns that select tasks and splits, and the ridge hold-out (pipeline/streams.py: select_rows)."""
 
     def __init__(self, tables: list[pa.Table], modalities: dict[str, int], class_index: np.ndarray):
         tables = [t for t in tables if t.num_rows]
@@ -43,7 +43,8 @@ class Rows:
             self.features = {m: torch.zeros(0, d) for m, d in modalities.items()}
             self.present = torch.zeros(0, len(modalities), dtype=torch.bool)
             self.targets = torch.zeros(0, dtype=torch.long)
-            self.select = {"label": np.zeros(0, np.int64), "domain": np.zeros(0, str), "split": np.zeros(0, str)}
+            self.select = {"label": np.zeros(0, np.int64), "domain": np.zeros(0, str), "split": np.zeros(0, str),
+                           "holdout": np.zeros(0, bool)}
             return
         table = pa.concat_tables(tables)
         columns = {"label": table["label"].to_numpy()}
@@ -59,6 +60,7 @@ class Rows:
         self.targets = torch.from_numpy(class_index[labels])
         self.select = {c: table[c].to_numpy(zero_copy_only=False).astype(str if c != "label" else np.int64)
                        for c in ("label", "domain", "split")}
+        self.select["holdout"] = table["holdout"].to_numpy(zero_copy_only=False)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -313,8 +315,8 @@ def learn_task(model: ContinualModel, rows: Shard, task: dict, config: dict, new
     model.eval()
     if type(model).accumulate is not ContinualModel.accumulate:
         with torch.set_grad_enabled(model.accumulate_needs_grad):
-            for batch in rows.batches(train["batch_size"], device=device):
-                model.accumulate(*batch)
+            for feats, present, targets, select in rows.batches(train["batch_size"], device=device, select=True):
+                model.accumulate(feats, present, targets, torch.from_numpy(select["holdout"]).to(device))
     model.end_task(all_reduce)
     if not history:
         history.append({"epoch": 0, "seconds": time.time() - start})

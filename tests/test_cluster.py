@@ -132,7 +132,7 @@ def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(tw
     s3.client.upload_file(str(synthetic_text), "mmcl", "data/synthetic-text.parquet")
     server, mlflow_server = start_mlflow_server(tmp_path, "s3://mmcl/mlartifacts", two_nodes.env)
     args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address,
-            "--data", "s3://mmcl/data/synthetic-text.parquet", "--tasks", "3", "train.epochs=4", "model.projection=256",
+            "--data", "s3://mmcl/data/synthetic-text.parquet", "--tasks", "3", "train.epochs=3", "model.projection=256",
             "cache.dir=s3://mmcl/cache", "storage_path=s3://mmcl/ray",
             "train.cpus_per_worker=2",  # one worker per node: tasks long enough to lose a node in
             f"tracking.uri={mlflow_server}", f"output_dir={tmp_path / 'out'}"]
@@ -142,9 +142,9 @@ def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(tw
         lines, raylet = [], None
         for line in proc.stdout:
             lines.append(line.rstrip())
-            if "task 1/3 epoch 1/4" in line:
+            if "task 1/3 epoch 1/3" in line:
                 placed = train_worker_nodes(two_nodes.dashboard)
-            if "task 2/3 epoch 2/4" in line and raylet is None:  # the second node goes away mid-task
+            if "task 2/3 epoch 1/3" in line and raylet is None:  # the second node goes away mid-task
                 raylet = raylet_of(two_nodes.second)
                 threading.Timer(0.3, raylet.kill).start()
         assert proc.wait() == 0, "\n".join(lines[-30:])

@@ -3,6 +3,7 @@ its sequences on Ray Train side by side."""
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -50,6 +51,37 @@ def test_cmoe_joint_holds_every_train_row_once_through_its_final_adapter(method,
     with torch.no_grad():
         phi = model.ridge.features(model.ridge_input(feats, torch.ones(len(train), 2, dtype=torch.bool)))
     torch.testing.assert_close(model.ridge.gram + model.ridge.gram_val, phi.T @ phi, rtol=1e-4, atol=1e-4)
+
+
+def chosen_strength(ridge) -> float:
+    """The grid strength whose refit on every row is the head's weight."""
+    from models.methods.analytic import RIDGE_GRID
+    gram, cross = ridge.gram + ridge.gram_val, ridge.cross + ridge.cross_val
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    gap = lambda lam: float((torch.linalg.solve(gram + lam * eye, cross) - ridge.weight).abs().max())  # noqa: E731
+    return min(RIDGE_GRID, key=gap)
+
+
+def test_the_ridge_strength_is_chosen_on_held_out_groups_not_on_copies_of_fitted_rows(tmp_path):
+    """As in tuxpaint, each picture is in six rows (its own text each) and the labels belong to the
+    pictures at random, so nothing generalises from one picture to the next: held out by group, the
+    fit sees none of a held-out picture's rows and the largest strengths win; rows held out one by
+    one (no group column) have copies in the fit, which a weak ridge memorises."""
+    rng = np.random.default_rng(0)
+    pictures = np.repeat(np.arange(120), 6)
+    label = rng.integers(0, 6, 120)[pictures]
+    columns = {"sample_id": [f"r{i}" for i in range(len(pictures))], "group": [f"p{g}" for g in pictures],
+               "label": label, "label_name": [str(c) for c in label], "domain": ["d0"] * len(pictures),
+               "split": np.where(pictures < 100, "train", "test"),
+               "a": list(rng.normal(size=(120, 16)).astype(np.float32)[pictures]),
+               "b": list(rng.normal(size=(len(pictures), 4)).astype(np.float32))}
+    pq.write_table(pa.table(columns), tmp_path / "grouped.parquet")
+    pq.write_table(pa.table(columns).drop_columns(["group"]), tmp_path / "rows.parquet")
+    strengths = {}
+    for name in ("grouped", "rows"):
+        run(tmp_path / f"{name}.parquet", tmp_path / name, "ranpac")
+        strengths[name] = chosen_strength(load_model(next((tmp_path / name).glob("*/task-2")))[0].ridge)
+    assert strengths["grouped"] >= 100 and strengths["rows"] <= 1, strengths
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ class ContinualModel(nn.Module):
 
         begin_task(head_size)            grow the head to every class seen so far
         objective(...) per batch, epochs  only if trainable_parameters() is not empty
-        accumulate(...) per batch, once   statistics (analytic heads, prototypes, Fisher, exemplars)
+        accumulate(...) per batch, once   statistics (analytic heads, prototypes, Fisher, exemplars);
+                                          `holdout`: the rows that choose a head's hyperparameters
         end_task(reduce)                  `reduce` sums a tensor over data-parallel workers
     """
     accumulate_needs_grad = False
@@ -64,7 +65,7 @@ class ContinualModel(nn.Module):
     def objective(self, features, present, targets, weights, old_model=None, seen_before: int = 0):
         raise NotImplementedError(f"{type(self).__name__} does not learn by gradient")
 
-    def accumulate(self, features, present, targets) -> None:
+    def accumulate(self, features, present, targets, holdout=None) -> None:
         pass
 
     def forget_statistics(self) -> None:

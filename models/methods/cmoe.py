@@ -105,11 +105,11 @@ class CMoE(ContinualModel):
         if self.gaussians is not None:
             self.gaussians.forget()
 
-    def accumulate(self, features, present, targets) -> None:
+    def accumulate(self, features, present, targets, holdout=None) -> None:
         if self.gaussians is not None:
             self.gaussians.accumulate(self.standardizer(features), present, targets)
         if self.ridge is not None:
-            self.ridge.accumulate(self.ridge_input(features, present), targets)
+            self.ridge.accumulate(self.ridge_input(features, present), targets, holdout)
 
     def ridge_input(self, features, present, z=None):
         """[pooled frozen features, z], z scaled to the modalities' unit mean squared norm (it leaves

@@ -35,7 +35,7 @@ class LogisticHead(ContinualModel):
         grow_buffers(self, ("bias",), head_size - self.head_size, dim=0)
         self._rows = ([], [])
 
-    def accumulate(self, features, present, targets) -> None:
+    def accumulate(self, features, present, targets, holdout=None) -> None:
         self._rows[0].append(self.pooled(features, present).double())
         self._rows[1].append(targets)
 

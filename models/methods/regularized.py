@@ -37,7 +37,7 @@ class EWC(CMoE):
             total = total + w.ewc * penalty
         return total, terms
 
-    def accumulate(self, features, present, targets):
+    def accumulate(self, features, present, targets, holdout=None):
         params = self._shared()
         trainable = [p for p in params if p.requires_grad]  # frozen experts contribute zeros
         loss = F.cross_entropy(self(features, present)["logits"], targets, reduction="sum")
@@ -87,7 +87,7 @@ class Replay(CMoE):
             targets = torch.cat([targets, self.mem_targets[pick]])
         return super().objective(features, present, targets, w, old_model, seen_before)
 
-    def accumulate(self, features, present, targets):
+    def accumulate(self, features, present, targets, holdout=None):
         self._task.append(({m: x.reshape(len(x), -1) for m, x in features.items()}, present, targets))
 
     def end_task(self, reduce):
