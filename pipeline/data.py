@@ -388,9 +388,11 @@ def _null_in_fixed_size_list(path: str) -> str:
 
 
 def read_manifest(path: str | Path) -> dict | None:
-    """A feature cache folder's manifest, None for anything else."""
-    manifest = storage.join(path, FEATURES_MANIFEST)
-    return json.loads(storage.read_text(manifest)) if storage.info(manifest).is_file else None
+    """A feature cache folder's manifest, None for anything else (one request on object storage)."""
+    try:
+        return json.loads(storage.read_text(storage.join(path, FEATURES_MANIFEST)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def load_data(path: str | Path) -> MultiModalData:
@@ -444,7 +446,7 @@ def check_source(path: str | Path) -> tuple[MultiModalData, list[Problem]]:
         schema = source.schema
         table = source.to_table(columns=[c for c in PLAN_COLUMNS if c in schema.names])
         table = table.replace_schema_metadata(schema.metadata)
-        manifest = read_manifest(path) if storage.is_dir(path) else None
+        manifest = read_manifest(path)
         encoded = manifest["modalities"] if manifest else None
         head = first_rows(files, schema, [f.name for f in schema if f.name not in REQUIRED
                                           and f.name not in RESERVED and _is_list(f.type)], HEAD_ROWS)

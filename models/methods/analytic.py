@@ -10,6 +10,7 @@ on one side, else memorising it would pass for generalising); rows with no key, 
 drawn from stored statistics, are held out by their content.
 `PrototypeHead` (SimpleCIL, Zhou et al. 2023): class means of the same features, cosine logits.
 """
+import functools
 import zlib
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.linalg.blas import dsyrk
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from models.methods.base import ContinualModel
 
@@ -50,6 +51,12 @@ def held_out_groups(keys) -> np.ndarray:
     return np.array([zlib.crc32(k.encode()) % HOLDOUT_EVERY == 0 for k in unique], bool)[inverse]
 
 
+@functools.cache
+def blas() -> ThreadpoolController:
+    """This process's BLAS libraries, found once (a search costs about 10 ms)."""
+    return ThreadpoolController().select(user_api="blas")
+
+
 def add_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
     """gram += rows^T rows. On the CPU only the lower triangle, by BLAS's syrk (half the flops of
     a full product, about 2.5x faster than torch's on one core), on as many threads as torch's."""
@@ -57,7 +64,7 @@ def add_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
         gram += rows.T @ rows
         return
     # numpy views: gram.T is column-major, so syrk's upper triangle of it is gram's lower one.
-    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+    with blas().limit(limits=torch.get_num_threads()):
         out = dsyrk(1.0, rows.detach().numpy().T, beta=1.0, c=gram.numpy().T, trans=0, lower=0, overwrite_c=1)
     assert np.shares_memory(out, gram.numpy()), "syrk did not write in place"
 
