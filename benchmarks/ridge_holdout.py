@@ -11,7 +11,8 @@ row, as Markdown; the test column shows what each choice costs and chooses nothi
 import numpy as np
 import torch
 
-from models.methods.analytic import held_out, held_out_groups
+from models.holdout import held_out_groups
+from models.methods.analytic import held_out
 from modality_accuracy import pooled_features, scaled_per_modality  # this folder's script
 
 GRID = tuple(10.0**k for k in range(-2, 4))

@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from models.methods.analytic import held_out_groups
+from models.holdout import held_out_groups
 from pipeline import storage
 from ray.train import DataConfig
 

@@ -1,6 +1,9 @@
 """The data path on a real local Ray: the modality checks run as Ray Data tasks and name the file
 and row within a folder, each stream holds exactly the rows the plan gives it, and two workers
 share a task's epoch."""
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +14,14 @@ from pipeline.streams import EVAL, may_hold, sequence_streams, train_stream
 from test_data import good_columns, table
 
 pytestmark = pytest.mark.slow
+
+
+def test_the_modules_ray_data_tasks_run_import_without_torch():
+    """Every read task's worker imports them; torch would add seconds to each new worker."""
+    code = ("import sys, pipeline.streams, pipeline.data, pipeline.cache; "
+            "print(sorted({'torch', 'scipy', 'transformers', 'mlflow'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_a_bad_row_in_the_second_file_of_a_folder_is_named_by_the_ray_data_checks(tmp_path, ray_local):

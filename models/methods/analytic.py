@@ -5,13 +5,12 @@ pooled frozen features, then ridge regression onto one-hot labels from the runni
 G = sum(phi phi^T) and C = sum(phi y^T), which is exactly the head joint training would give.
 The ridge strength is chosen each task on about a fifth of the rows held out from the fit, the
 validation error computed from statistics alone; then the head is refitted on all of them. The
-pipeline holds out whole groups (`held_out_groups`: rows that share a picture or a recording fall
+pipeline holds out whole groups (`models.holdout`: rows that share a picture or a recording fall
 on one side, else memorising it would pass for generalising); rows with no key, such as those
 drawn from stored statistics, are held out by their content.
 `PrototypeHead` (SimpleCIL, Zhou et al. 2023): class means of the same features, cosine logits.
 """
 import functools
-import zlib
 
 import numpy as np
 import torch
@@ -20,10 +19,10 @@ import torch.nn.functional as F
 from scipy.linalg.blas import dsyrk
 from threadpoolctl import ThreadpoolController
 
+from models.holdout import HOLDOUT_EVERY
 from models.methods.base import ContinualModel
 
 RIDGE_GRID = tuple(10.0**k for k in range(-2, 7))
-HOLDOUT_EVERY = 5
 SUMS = ("gram", "gram_val", "cross", "cross_val")  # RidgeStatistics' running sums (the _val ones: held-out rows)
 GRAMS = ("gram", "gram_val")  # symmetric: a checkpoint holds their upper triangles
 
@@ -42,13 +41,6 @@ def grow_buffers(module: nn.Module, names, extra: int, dim: int) -> None:
 def held_out(x: torch.Tensor) -> torch.Tensor:
     """The rows whose fit chooses the ridge strength: about one in HOLDOUT_EVERY, by content."""
     return (x.double().sum(1) * 1e3).floor().remainder(HOLDOUT_EVERY) == 0
-
-
-def held_out_groups(keys) -> np.ndarray:
-    """The rows whose fit chooses the ridge strength, whole groups at a time: about one group key in
-    HOLDOUT_EVERY, by its CRC-32 (the same rows on every worker, in every run)."""
-    unique, inverse = np.unique(np.asarray(keys, dtype=str), return_inverse=True)
-    return np.array([zlib.crc32(k.encode()) % HOLDOUT_EVERY == 0 for k in unique], bool)[inverse]
 
 
 @functools.cache
