@@ -116,9 +116,9 @@ def mlflow_server(tmp_path):
         stop_server(proc)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def s3_server():
-    """A real S3-compatible server (moto) on 127.0.0.1 with an empty bucket `mmcl`; `env` is what a
+    """A real S3-compatible server (moto) on 127.0.0.1 with a bucket `mmcl`, one per test module; `env` is what a
     process (a driver, a `ray start` node, `mlflow server`) needs to use it, as a user's would hold
     their endpoint and credentials."""
     import boto3

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from models.encoders import create_encoder
 from pipeline.benchmarks.av_digits import build_av_digits
-from pipeline.cache import list_entries
+from pipeline.cache import cache_key, list_entries
 from pipeline.cli import main
 from pipeline.data import read_manifest
 
@@ -73,8 +73,12 @@ def test_av_digits_through_the_feature_cache_and_ray_train(ray_local, tmp_path, 
         "name = 'small-domain-il-cmoe'")
     assert sorted(int(v.version) for v in domain_versions) == [1, 2]  # its own chain, not the class-IL model's
 
-    # A changed encoder setting is another entry; `mmcl cache clear` removes them all.
-    assert main(["cache", "build", "--data", str(data), "encoder_tokens=2", f"output_dir={out_dir}"]) == 0
-    assert len(list_entries(out_dir / "cache")) == 2
+    # `mmcl cache build` finds the entry; a changed encoder setting would be another (its key), and
+    # `mmcl cache clear` removes them all.
+    assert main(["cache", "build", "--data", str(data), f"output_dir={out_dir}"]) == 0
+    assert f"Features: cache hit {entries[0]['folder']}" in capsys.readouterr().out
+    specs = {m: e["encoder"]["spec"] for m, e in manifest["modalities"].items()}
+    assert cache_key(manifest["source_fingerprint"], specs, 4)[0] == manifest["key"]
+    assert cache_key(manifest["source_fingerprint"], specs, 2)[0] != manifest["key"]
     assert main(["cache", "clear", "--dir", str(out_dir / "cache")]) == 0
     assert list_entries(out_dir / "cache") == []

@@ -62,9 +62,10 @@ def stop_node(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_nodes(s3_server):
-    """The cluster, its nodes holding the S3 server's endpoint and credentials in their environment."""
+    """The cluster, its nodes holding the S3 server's endpoint and credentials in their environment.
+    One for the module: the Ray Jobs test first, then the test that loses the second node."""
     env = {**s3_server.env, "RAY_AUTH_MODE": ENV["RAY_AUTH_MODE"]}
     subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
     gcs, dashboard = free_port(), free_port()
@@ -109,7 +110,7 @@ def raylet_of(node: subprocess.Popen) -> psutil.Process:
 
 
 def train_worker_nodes(dashboard: str) -> dict[str, str]:
-    """RayTrainWorker actor id -> node id, for every worker the cluster ever had."""
+    """RayTrainWorker actor id -> node id, for every worker the cluster ever had (dead ones too)."""
     return {a["actor_id"]: a["node_id"] for a in ray_list("actors", dashboard, "class_name=RayTrainWorker")}
 
 
@@ -125,59 +126,6 @@ def mlflow_runs(server: str, experiment: str) -> list[dict]:
 def versions(server: str, name: str) -> list[dict]:
     found = requests.get(f"{server}/api/2.0/mlflow/model-versions/search", params={"filter": f"name='{name}'"})
     return found.json().get("model_versions", [])
-
-
-def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(two_nodes, synthetic_text, tmp_path):
-    s3 = two_nodes.s3
-    s3.client.upload_file(str(synthetic_text), "mmcl", "data/synthetic-text.parquet")
-    server, mlflow_server = start_mlflow_server(tmp_path, "s3://mmcl/mlartifacts", two_nodes.env)
-    args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address,
-            "--data", "s3://mmcl/data/synthetic-text.parquet", "--tasks", "3", "train.epochs=3", "model.projection=256",
-            "cache.dir=s3://mmcl/cache", "storage_path=s3://mmcl/ray",
-            "train.cpus_per_worker=2",  # one worker per node: tasks long enough to lose a node in
-            f"tracking.uri={mlflow_server}", f"output_dir={tmp_path / 'out'}"]
-    try:
-        proc = subprocess.Popen(args, cwd=ROOT, env=two_nodes.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        lines, raylet = [], None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if "task 1/3 epoch 1/3" in line:
-                placed = train_worker_nodes(two_nodes.dashboard)
-            if "task 2/3 epoch 1/3" in line and raylet is None:  # the second node goes away mid-task
-                raylet = raylet_of(two_nodes.second)
-                threading.Timer(0.3, raylet.kill).start()
-        assert proc.wait() == 0, "\n".join(lines[-30:])
-        assert raylet is not None and not raylet.is_running()
-        assert len(set(placed.values())) == 2, placed  # one worker on each node
-        after = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in placed}
-        assert after and set(after.values()) < set(placed.values()), "\n".join(lines[-40:])  # restarted on the node left
-        assert sum("Task 2/3" in line for line in lines) == 1
-        assert "Features: encoding" in "\n".join(lines)  # the text column went through the encoders
-
-        # The cache entry, the checkpoints and the models' artifacts are objects in the bucket, nothing on disk.
-        cache = s3.keys("cache/")
-        assert any(k.endswith("/_mmcl_features.json") for k in cache) and any(k.endswith(".parquet") for k in cache)
-        assert not any("/.building-" in k for k in cache), cache
-        # Ray Train's run (its task checkpoints released once the sequence ended), and no local copy of it.
-        assert any(k.endswith("/checkpoint_manager_snapshot.json") for k in s3.keys("ray/"))
-        assert not list((tmp_path / "out").glob("*/ray"))
-        assert any(k.endswith("MLmodel") for k in s3.keys("mlartifacts/"))
-        assert not (tmp_path / "server-artifacts").exists() and not (tmp_path / "out" / "mlartifacts").exists()
-        listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "ls", "cache.dir=s3://mmcl/cache"],
-                                cwd=ROOT, env=two_nodes.env, capture_output=True, text=True)
-        assert "240 rows of s3://mmcl/data/synthetic-text.parquet" in listed.stdout, listed.stdout + listed.stderr
-
-        runs = mlflow_runs(mlflow_server, "synthetic-text")
-        parent = next(r for r in runs if "mlflow.parentRunId" not in r["tags"])
-        assert len(runs) == 4 and parent["info"]["status"] == "FINISHED"
-        children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["info"]["run_id"]]
-        assert sorted(r["tags"]["mmcl.task_index"] for r in children) == ["0", "1", "2"]
-        assert len(versions(mlflow_server, "synthetic-text-class-il-cmoe")) == 3
-        mlflow.set_tracking_uri(mlflow_server)  # the task's model, uploaded through the server and read back
-        assert mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/1").get_raw_model().model.head_size
-    finally:
-        stop_server(server)
 
 
 def test_run_and_sweep_submitted_as_ray_jobs(two_nodes, mlflow_server, tmp_path):
@@ -203,3 +151,80 @@ def test_run_and_sweep_submitted_as_ray_jobs(two_nodes, mlflow_server, tmp_path)
     assert sweep_run["info"]["status"] == "FINISHED" and len(trials) == 2
     sequences = [r for r in runs if "mlflow.parentRunId" not in r["tags"] and "mmcl.sweep" not in r["tags"]]
     assert [r["info"]["status"] for r in sequences] == ["FINISHED"]
+
+
+def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(two_nodes, synthetic_text, tmp_path):
+    s3 = two_nodes.s3
+    s3.client.upload_file(str(synthetic_text), "mmcl", "data/synthetic-text.parquet")
+    server, mlflow_server = start_mlflow_server(tmp_path, "s3://mmcl/mlartifacts", two_nodes.env)
+    args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address,
+            "--data", "s3://mmcl/data/synthetic-text.parquet", "--tasks", "3", "train.epochs=3", "model.projection=256",
+            "cache.dir=s3://mmcl/cache", "storage_path=s3://mmcl/ray",
+            "train.cpus_per_worker=2",  # one worker per node: tasks long enough to lose a node in
+            f"tracking.uri={mlflow_server}", f"output_dir={tmp_path / 'out'}", "--out", str(tmp_path / "r.json")]
+    earlier = train_worker_nodes(two_nodes.dashboard)  # the Ray Jobs test's
+    try:
+        proc = subprocess.Popen(args, cwd=ROOT, env=two_nodes.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        lines, raylet = [], None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if "task 1/3 epoch 1/3" in line:
+                placed = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in earlier}
+            if "task 2/3 epoch 1/3" in line and raylet is None:  # the second node goes away mid-task
+                raylet = raylet_of(two_nodes.second)
+                threading.Timer(0.3, raylet.kill).start()
+        assert proc.wait() == 0, "\n".join(lines[-30:])
+        assert raylet is not None and not raylet.is_running()
+        assert len(set(placed.values())) == 2, placed  # one worker on each node
+        after = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in {*earlier, *placed}}
+        assert after and set(after.values()) < set(placed.values()), "\n".join(lines[-40:])  # restarted on the node left
+        assert sum("Task 2/3" in line for line in lines) == 1
+        assert "Features: encoding" in "\n".join(lines)  # the text column went through the encoders
+
+        # The cache entry, the checkpoints and the models' artifacts are objects in the bucket, nothing on disk.
+        cache = s3.keys("cache/")
+        assert any(k.endswith("/_mmcl_features.json") for k in cache) and any(k.endswith(".parquet") for k in cache)
+        assert not any("/.building-" in k for k in cache), cache
+        # Ray Train's run (its task checkpoints released once the sequence ended), and no local copy of it.
+        assert any(k.endswith("/checkpoint_manager_snapshot.json") for k in s3.keys("ray/"))
+        assert not list((tmp_path / "out").glob("*/ray"))
+        assert any(k.endswith("MLmodel") for k in s3.keys("mlartifacts/"))
+        assert not (tmp_path / "server-artifacts").exists() and not (tmp_path / "out" / "mlartifacts").exists()
+        listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "ls", "cache.dir=s3://mmcl/cache"],
+                                cwd=ROOT, env=two_nodes.env, capture_output=True, text=True)
+        assert "240 rows of s3://mmcl/data/synthetic-text.parquet" in listed.stdout, listed.stdout + listed.stderr
+
+        # MLflow over HTTP, read back through the server's REST API: the runs, the chain of versions,
+        # each logged model's link to its version, the data as each run's input, curves and plots.
+        result, api = json.loads((tmp_path / "r.json").read_text()), f"{mlflow_server}/api/2.0/mlflow"
+        runs = mlflow_runs(mlflow_server, "synthetic-text")
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r["tags"])
+        assert len(runs) == 4 and parent["info"]["status"] == "FINISHED"
+        assert parent["info"]["run_id"] == result["mlflow_run_id"]
+        children = {r["tags"]["mmcl.task_index"]: r["info"]["run_id"] for r in runs
+                    if r["tags"].get("mlflow.parentRunId") == result["mlflow_run_id"]}
+        assert sorted(children) == ["0", "1", "2"]
+        chain = sorted(versions(mlflow_server, "synthetic-text-class-il-cmoe"), key=lambda v: int(v["version"]))
+        lineage = [{t["key"]: t["value"] for t in v["tags"]} for v in chain]
+        assert [v["run_id"] for v in chain] == [children[i] for i in "012"]
+        assert [t["mmcl.continued_from_version"] for t in lineage[1:]] == [v["version"] for v in chain[:2]]
+        assert {t["mmcl.sequence_run_id"] for t in lineage} == {result["mlflow_run_id"]}
+        for v in chain:
+            model = requests.get(f"{api}/logged-models/{v['source'].removeprefix('models:/')}").json()["model"]
+            listed = json.loads({t["key"]: t["value"] for t in model["info"]["tags"]}["mlflow.modelVersions"])
+            assert [(m["name"], str(m["version"])) for m in listed] == [("synthetic-text-class-il-cmoe", v["version"])]
+            inputs = requests.get(f"{api}/runs/get", params={"run_id": v["run_id"]}).json()["run"]["inputs"]
+            assert inputs["dataset_inputs"][0]["dataset"]["digest"] == lineage[0]["mmcl.data_fingerprint"]
+        history = requests.get(f"{api}/metrics/get-history", params={"run_id": result["mlflow_run_id"],
+                                                                     "metric_key": "seq/avg_acc"}).json()["metrics"]
+        assert [m["step"] for m in history] == [0, 1, 2] and history[-1]["value"] == round(result["avg_acc"], 4)
+        files = requests.get(f"{api}/artifacts/list", params={"run_id": result["mlflow_run_id"]}).json()["files"]
+        assert {"acc_matrix.json", "acc_matrix.png", "acc_curves.png", "config.yaml"} <= {f["path"] for f in files}
+        matrix = requests.get(f"{mlflow_server}/get-artifact",  # through the server, from the bucket
+                              params={"path": "acc_matrix.json", "run_uuid": result["mlflow_run_id"]}).json()
+        assert matrix["acc_matrix"] == result["acc_matrix"]
+        mlflow.set_tracking_uri(mlflow_server)  # the task's model, uploaded through the server and read back
+        assert mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/1").get_raw_model().model.head_size
+    finally:
+        stop_server(server)
