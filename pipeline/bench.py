@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.driver import prepare_data, run_sequence
+from pipeline.driver import check_locations, prepare_data, run_sequence
 from pipeline.executors import EXECUTORS, one_cpu_each
 from pipeline.runtime import quiet_logs
 
@@ -50,6 +50,8 @@ def run_bench(config_for, methods: list[str], seeds: int, log=print, merge: str 
     configs = {m: config_for(m) for m in methods}  # an unknown method or a bad setting stops the bench here
     base = configs[methods[0]]
     report_ignored(configs, log)
+    check_locations(base)
+    EXECUTORS[base.executor].start(base, verbose=False)
     source = prepare_data(base, log).source  # checked, built and encoded once, before sequences run side by side
     earlier_order, carried = carried_runs(merge, base, methods, seeds) if merge else ([], [])
     configs = sequence_configs(config_for, methods, seeds, str(Path(source).resolve()), base.num_tasks)

@@ -75,19 +75,23 @@ def hold_out_validation(split: np.ndarray, labels: np.ndarray, sample_ids: np.nd
     return split, sample_ids[split == "val"].tolist()
 
 
-def prepare_data(cfg: RunConfig, log=print, verbose: bool = False) -> PreparedData:
-    """The data the model reads: the file itself, or its features from the cache (encoded first if
-    needed), once `num_tasks` is set and checked against it. Only the plan's columns are read here."""
+def check_locations(cfg: RunConfig) -> None:
+    """Storage that is not there stops a run before Ray starts."""
     for key, where in (("cache.dir", cfg.cache.dir), ("storage_path", cfg.storage_path)):
         if problem := storage.unreachable(where or ""):
             raise ConfigError(f"{key}: {problem}")
+
+
+def prepare_data(cfg: RunConfig, log=print, verbose: bool = False) -> PreparedData:
+    """The data the model reads: the file itself, or its features from the cache (encoded first if
+    needed), once `num_tasks` is set and checked against it. Only the plan's columns are read here."""
     source = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
-    init_ray(cfg, verbose)  # the modality columns are checked, encoded and read by Ray Data tasks
-    data = load_data(source)
+    data = load_data(source)  # several files: checked by Ray Data tasks when the caller started Ray
     check_tasks(cfg, data)
     fingerprint = data_fingerprint(source)
     if not data.needs_encoding:
         return PreparedData(data, source, fingerprint)
+    init_ray(cfg, verbose)  # the encoders are a Ray Data actor pool
     # frozen encoders run once per (encoders, data): training reads the cache
     features = str(build_features(data, fingerprint, cfg.encoders, cfg.encoder_tokens, cfg.cache_dir(),
                                   cfg.cache.actors, cfg.cache.batch_size, log))
@@ -115,9 +119,10 @@ def run_sequence(cfg: RunConfig, verbose: bool = False, log=print, on_task_end=N
     started = time.time()
     if cfg.tracking.enabled:
         check_tracking_server(tracking_uri(cfg))
-    prepared = prepare_data(cfg, log, verbose)
+    check_locations(cfg)
     executor = EXECUTORS[cfg.executor]
     executor.start(cfg, verbose)
+    prepared = prepare_data(cfg, log, verbose)
     labels, domains = prepared.data.column("label"), prepared.data.column("domain").astype(str)
     scenario = make_scenario(cfg.scenario, labels, domains, cfg.num_tasks, cfg.seed)
     name = f"{prepared.name}-{cfg.scenario}-{cfg.method}-seed{cfg.seed}"

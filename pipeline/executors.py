@@ -15,7 +15,7 @@ from pipeline.checkpoint import save_model
 from pipeline.config import RunConfig
 from pipeline.runtime import check_storage, init_ray, torch_config, worker_resources
 from pipeline.state import TaskRecord
-from pipeline.streams import StreamSplits, sequence_streams
+from pipeline.streams import ROWS, StreamSplits, held, sequence_streams
 from pipeline.worker import learn_sequence_local, train_func_per_worker
 
 CONTROLLER_POLL_S = 0.1
@@ -30,7 +30,9 @@ def epoch_line(m: dict) -> str:
 
 
 class LocalExecutor:
-    """The remaining tasks in this process, with a torch AdamW in place of DeepSpeed."""
+    """The remaining tasks in this process, with a torch AdamW in place of DeepSpeed. It starts Ray
+    only where it must: to encode the data (driver.py), to stream it (streamed passes are Ray Data
+    jobs), and to run many sequences."""
 
     def start(self, cfg: RunConfig, verbose: bool) -> None:
         pass
@@ -48,7 +50,9 @@ class LocalExecutor:
             finish_task(entry, str(local), local)
 
         on_epoch = lambda t, m: log(epoch_line({**m, **progress, "task": t}))  # noqa: E731
-        learn_sequence_local(plan, sequence_streams(plan, in_process=True), last.local if last else None, on_epoch, on_task_end)
+        if not held(plan):
+            init_ray(cfg, verbose)
+        learn_sequence_local(plan, sequence_streams(plan), last.local if last else None, on_epoch, on_task_end)
 
     def run_many(self, configs: list[RunConfig], run_one, on_done) -> None:
         """Each sequence a Ray task of one CPU (its own process), as many at once as there are CPUs."""
@@ -159,6 +163,7 @@ def fit_sequence(cfg: RunConfig, plan: dict, name: str, storage: str, verbose: b
     plan = {**plan, "train": {**plan["train"], "cpus_per_worker": cpus, "precision": precision}}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue, outcome = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}), {}  # beside the controller
+    streams = sequence_streams(plan)
     trainer = TorchTrainer(
         train_func_per_worker, train_loop_config=plan,
         torch_config=torch_config("nccl" if cfg.train.use_gpu else "gloo"),
@@ -169,7 +174,7 @@ def fit_sequence(cfg: RunConfig, plan: dict, name: str, storage: str, verbose: b
             name=name, storage_path=storage, callbacks=[ForwardReports(queue)],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig("INFO" if verbose else "ERROR")),
-        datasets=sequence_streams(plan), dataset_config=StreamSplits(),
+        datasets={name: s.dataset for name, s in streams.items()}, dataset_config=StreamSplits(streams.get(ROWS)),
     )
 
     def fit():

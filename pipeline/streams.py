@@ -88,13 +88,34 @@ def read_parts(parts: dict, columns: list[str], **select) -> Iterator[pa.Table]:
             yield select_rows(pa.Table.from_batches([batch]), **select)
 
 
-class InProcess:
-    """A stream as the local executor reads it: a whole pass (the held rows' one read) is read here,
-    part by part in the stream's order, with no Ray Data job to start; other passes go to the
-    Ray Data dataset."""
+class Stream:
+    """Some row groups, what a stream selects of them and where they are read (`placement`, Ray Data
+    task options). Its Ray Data dataset is made on first use; a whole pass (the held rows' one read)
+    is read straight from the files instead, part by part in the stream's order, with no Ray Data job:
+    by the local executor (which then starts no Ray at all), and by a Train worker on a node that can
+    read the files."""
 
-    def __init__(self, dataset, parts: list[dict], select: dict):
-        self.dataset, self.parts, self.select = dataset, parts, select
+    def __init__(self, parts: list[dict], select: dict, placement: dict):
+        self.parts, self.select, self.placement = parts, select, placement
+        self._dataset = None
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            import ray.data
+
+            # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for
+            # one would wait for ever. Reading and filtering Parquet is light beside a training step.
+            self._dataset = ray.data.from_items(self.parts, override_num_blocks=len(self.parts)).map_batches(
+                read_parts, fn_kwargs=self.select, batch_size=1, batch_format="numpy", num_cpus=0, **self.placement)
+            self._dataset.context.execution_options.preserve_order = True  # one worker reads the source's order
+        return self._dataset
+
+    def readable_on(self, node: str | None) -> bool:
+        """Whether a process on `node` (None: this process's) can read the files straight: a URI
+        from any node, a local path from the node that planned the stream."""
+        mine = self.placement.get("label_selector", {}).get("ray.io/node-id")
+        return None in (mine, node) or node == mine
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **kwargs):
         if batch_size is not None:
@@ -104,11 +125,11 @@ class InProcess:
             yield from read_parts({"file": [p["file"]], "row_group": [p["row_group"]]}, **self.select)
 
 
-def sequence_streams(plan: dict, in_process: bool = False) -> dict:
-    """Stream name -> Ray Data dataset, for the tasks from `plan['first_task']` on, and the eval
-    stream; `in_process`: each as `InProcess`. A train stream reads the row groups that may hold its
+def sequence_streams(plan: dict) -> dict[str, Stream]:
+    """Stream name -> Stream, for the tasks from `plan['first_task']` on, and the eval stream (a held
+    sequence: the one stream of every row). A train stream reads the row groups that may hold its
     rows, in a seeded order, so that data sorted by class reaches every worker mixed."""
-    import ray.data
+    import ray
 
     from pipeline.data import parquet_parts
 
@@ -118,15 +139,11 @@ def sequence_streams(plan: dict, in_process: bool = False) -> dict:
     grouped = "group" in metadata[parts[0]["file"]].schema.to_arrow_schema().names
     columns = ["sample_id", *(["group"] if grouped else []), "label", "domain", "split", *plan["spec"]["modalities"]]
     val_ids = pa.array(data["val_ids"], pa.string())
+    placement = on_this_node(data["path"]) if ray.is_initialized() else {}  # no Ray: read in this process
 
     def stream(parts, splits, column=None, values=()):
-        # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for
-        # one would wait for ever. Reading and filtering Parquet is light beside a training step.
         select = {"columns": columns, "splits": splits, "column": column, "values": list(values), "val_ids": val_ids}
-        ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
-            read_parts, fn_kwargs=select, batch_size=1, batch_format="numpy", num_cpus=0, **on_this_node(data["path"]))
-        ds.context.execution_options.preserve_order = True  # one worker reads the rows in the source's order
-        return InProcess(ds, parts, select) if in_process else ds
+        return Stream(parts, select, placement)
 
     def train(task):
         column, values = task["train"]
@@ -148,16 +165,24 @@ class StreamSplits(DataConfig):
     """Every stream split across the workers, in order: train streams into equal shares (every worker
     takes the same number of optimizer steps; up to world-1 rows of a pass are left out), the eval
     stream into unequal ones so that every row is predicted once. The held sequence's one stream
-    reaches every worker whole, with no coordinator between them."""
+    (`held`, a Stream) reaches every worker whole, with no coordinator between them: read straight
+    from the files by a worker on a node that can read them, else through its dataset."""
+
+    def __init__(self, held: Stream | None = None):
+        super().__init__()
+        self.held = Stream(held.parts, held.select, held.placement) if held is not None else None  # no dataset
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
+        nodes = worker_node_ids or [None] * world_size  # None: this process's node
         for name, ds in datasets.items():
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
             ds.context.execution_options.preserve_order = True
-            splits = [ds.iterator() for _ in range(world_size)] if name == ROWS else ds.streaming_split(
-                world_size, equal=name != EVAL, locality_hints=worker_node_ids)
+            if name == ROWS:
+                splits = [self.held if self.held and self.held.readable_on(node) else ds.iterator() for node in nodes]
+            else:
+                splits = ds.streaming_split(world_size, equal=name != EVAL, locality_hints=worker_node_ids)
             for i, split in enumerate(splits):
                 output[i][name] = split
         return output

@@ -137,10 +137,10 @@ def test_run_and_sweep_submitted_as_ray_jobs(two_nodes, mlflow_server, tmp_path)
         return job.stdout
 
     common = [f"tracking.uri={mlflow_server}", f"storage_path={tmp_path / 'shared'}", f"output_dir={tmp_path / 'out'}"]
-    printed = submit("run", "--tasks", "2", "train.epochs=1", *common)
+    printed = submit("run", "--tasks", "2", "train.epochs=1", "model.projection=256", *common)
     assert "average accuracy" in printed
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"num_tasks": 2, "train": {"epochs": 1}, "sweep": {
+    sweep.write_text(yaml.safe_dump({"num_tasks": 2, "train": {"epochs": 1}, "model": {"projection": 256}, "sweep": {
         "samples": 2, "scheduler": "fifo", "space": {"loss.align": {"uniform": [0.0, 0.5]}}}}))
     printed = submit("sweep", "--config", str(sweep), "--best-out", str(tmp_path / "best.yaml"), *common)
     assert "2 trials" in printed

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from test_security import CreatesFile
 
 pytestmark = pytest.mark.slow
-SHORT = ["--tasks", "2", "train.epochs=3"]
+SHORT = ["--tasks", "2", "train.epochs=3", "model.projection=256"]  # at 2048 ridge solves are most of a task end
 
 
 def mlflow_runs(out_dir: Path):
@@ -106,7 +106,7 @@ def test_a_killed_sequence_resumes_at_the_last_finished_task(ray_local, tmp_path
     """The default path as users start it (a local Ray of its own), which listens on loopback only
     all along, killed after its first task; a rerun refuses that task's checkpoint crafted to run
     code, and resumes from the real one."""
-    args = ["--tasks", "3", "train.epochs=2", f"output_dir={tmp_path}"]
+    args = ["--tasks", "3", "train.epochs=2", "model.projection=256", f"output_dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
     try:

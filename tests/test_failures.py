@@ -10,13 +10,14 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, kill_tree, start_mlflow_server, stop_server
+from conftest import free_port, kill_tree, listening, start_mlflow_server, stop_server
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import load_data
 from pipeline.driver import check_tasks, run_sequence
 
 LOCAL = "executor=local"
+SMALL = "model.projection=256"  # the ridge heads' solves at 2048 are most of a task end
 
 
 def mmcl(*args, **kwargs) -> subprocess.Popen:
@@ -92,6 +93,8 @@ def test_one_writer_per_run_folder_and_a_killed_writer_is_taken_over(synthetic, 
         while lock_holder(tmp_path) != first.pid:
             assert time.time() < deadline and first.poll() is None, first.communicate()
             time.sleep(0.5)
+        started = set().union(*listening(first.pid).values())
+        assert not started & {"gcs_server", "raylet"}, started  # held data in-process: no Ray of its own
         second = mmcl(*args)
         _, err = second.communicate(timeout=300)
         assert second.returncode == 2 and f"is in use by PID {first.pid} on " in err, err
@@ -114,7 +117,7 @@ def test_one_writer_per_run_folder_and_a_killed_writer_is_taken_over(synthetic, 
 @pytest.mark.slow
 def test_runs_side_by_side_on_one_store_and_a_finished_sequence_is_not_trained_again(synthetic, tmp_path, capsys):
     def command(seed, *more):
-        return ["run", "--data", str(synthetic), "--tasks", "2", "--seed", str(seed), *more, LOCAL, "train.epochs=2",
+        return ["run", "--data", str(synthetic), "--tasks", "2", "--seed", str(seed), *more, LOCAL, SMALL, "train.epochs=2",
                 f"output_dir={tmp_path}"]
 
     # Two configs on a fresh store; then the same config twice at once.
@@ -157,7 +160,7 @@ def test_a_tracking_server_lost_mid_sequence_loses_nothing(synthetic, tmp_path, 
     proc, url = start_mlflow_server(tmp_path)
     lines = []
     try:
-        cfg = load_config(None, [f"data={synthetic}", "executor=local", "num_tasks=3", "train.epochs=2",
+        cfg = load_config(None, [f"data={synthetic}", LOCAL, SMALL, "num_tasks=3", "train.epochs=2",
                                  f"tracking.uri={url}", f"output_dir={tmp_path / 'out'}"])
         result = run_sequence(cfg, log=lines.append, on_task_end=lambda task: task.index == 0 and stop_server(proc))
     finally:
@@ -172,7 +175,7 @@ def test_a_tracking_server_lost_mid_sequence_loses_nothing(synthetic, tmp_path, 
     proc, url = start_mlflow_server(tmp_path)  # the same store, back on another port
     try:
         out = tmp_path / "again.json"
-        again = mmcl("run", "--data", str(synthetic), "--tasks", "3", "--out", str(out), LOCAL, "train.epochs=2",
+        again = mmcl("run", "--data", str(synthetic), "--tasks", "3", "--out", str(out), LOCAL, SMALL, "train.epochs=2",
                      f"tracking.uri={url}", f"output_dir={tmp_path / 'out'}")
         printed, err = again.communicate(timeout=600)
         assert again.returncode == 0 and "Already finished" in printed, err

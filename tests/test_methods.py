@@ -110,23 +110,22 @@ def test_each_bench_sequence_gets_its_own_methods_settings():
 @pytest.mark.slow
 def test_bench_writes_json_and_markdown_with_paired_differences(synthetic, tmp_path, ray_local):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--data", str(synthetic), "--tasks", "3", "--methods", "ranpac,simplecil,finetune",
-                 "--seeds", "2", "--out", str(out), f"output_dir={tmp_path}", "train.epochs=2",
-                 "model.projection=256"]) == 0
+    assert main(["bench", "--data", str(synthetic), "--tasks", "3", "--methods", "simplecil,finetune",
+                 "--seeds", "2", "--out", str(out), f"output_dir={tmp_path}", "train.epochs=2"]) == 0
     summary = json.loads(out.read_text())
     rows = {r["method"]: r for r in summary["rows"]}
-    assert list(rows) == ["ranpac", "simplecil", "finetune"] and len(summary["runs"]) == 6
+    assert list(rows) == ["simplecil", "finetune"] and len(summary["runs"]) == 4
     for r in rows.values():
         assert {"avg_acc_mean", "avg_acc_std", "avg_inc_acc_mean", "forgetting_mean", "forgetting_std",
                 "seconds_mean"} <= set(r) and r["seeds"] == [0, 1]
     runs = {(r["method"], r["seed"]): r["avg_acc"] for r in summary["runs"]}
-    paired = [runs["finetune", s] - runs["ranpac", s] for s in (0, 1)]
-    assert rows["finetune"]["avg_acc_diff_vs_ranpac_mean"] == pytest.approx(np.mean(paired))
-    assert rows["finetune"]["avg_acc_mean"] < rows["ranpac"]["avg_acc_mean"]
+    paired = [runs["finetune", s] - runs["simplecil", s] for s in (0, 1)]
+    assert rows["finetune"]["avg_acc_diff_vs_simplecil_mean"] == pytest.approx(np.mean(paired))
+    assert rows["finetune"]["avg_acc_mean"] < rows["simplecil"]["avg_acc_mean"]  # finetune forgets
     table = out.with_suffix(".md").read_text()
-    assert "| method | avg acc |" in table and "vs ranpac (paired)" in table and "| finetune |" in table
+    assert "| method | avg acc |" in table and "vs simplecil (paired)" in table and "| finetune |" in table
     sequences = [d for d in (tmp_path / "bench").iterdir() if d.is_dir() and d.name.startswith("synthetic")]
-    assert len(sequences) == 6  # each keeps only its last task's model (a 15-method table was 13 GB)
+    assert len(sequences) == 4  # each keeps only its last task's model (a 15-method table was 13 GB)
     assert all([p.name for p in d.glob("task-*")] == ["task-2"] for d in sequences)
 
     # A changed method reruns alone and a new one joins; the others' runs join as they were, in the
@@ -137,11 +136,11 @@ def test_bench_writes_json_and_markdown_with_paired_differences(synthetic, tmp_p
                  "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}", "train.epochs=2",
                  "--executor", "local"]) == 0
     again = json.loads(merged.read_text())
-    assert [r["method"] for r in again["rows"]] == ["ranpac", "simplecil", "finetune", "lwf"]
-    assert again["reference"] == "ranpac" and "avg_acc_diff_vs_ranpac_mean" in again["rows"][3]
+    assert [r["method"] for r in again["rows"]] == ["simplecil", "finetune", "lwf"]
+    assert again["reference"] == "simplecil" and "avg_acc_diff_vs_simplecil_mean" in again["rows"][2]
     kept = {(r["method"], r["seed"]): r["avg_acc"] for r in again["runs"] if r["method"] != "lwf"}
     assert kept == runs  # simplecil is deterministic
-    assert again["carried_over"]["methods"] == ["ranpac", "finetune"]
+    assert again["carried_over"]["methods"] == ["finetune"]
     assert "carried over from" in merged.with_suffix(".md").read_text()
     assert main(["bench", "--data", str(synthetic), "--tasks", "2", "--methods", "simplecil", "--seeds", "2",
                  "--merge", str(out), "--out", str(merged), f"output_dir={tmp_path}"]) == 2  # other tasks: refused

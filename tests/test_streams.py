@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray.data import DataIterator
 
 from pipeline.data import DataError, load_data, parquet_parts
-from pipeline.streams import EVAL, may_hold, sequence_streams, train_stream
+from pipeline.streams import EVAL, ROWS, Stream, StreamSplits, may_hold, sequence_streams, train_stream
 from test_data import good_columns, table
 
 pytestmark = pytest.mark.slow
@@ -57,8 +58,8 @@ def test_each_stream_holds_the_rows_the_plan_gives_it_reading_only_row_groups_th
     streams = sequence_streams(plan)
     assert sorted(streams) == [EVAL, train_stream(1)]  # a resumed sequence reads no finished task
 
-    def rows(name):
-        return pa.concat_tables(streams[name].iter_batches(batch_size=None, batch_format="pyarrow"))
+    def rows(name):  # through Ray Data, as a Train worker streams it
+        return pa.concat_tables(list(streams[name].dataset.iter_batches(batch_size=None, batch_format="pyarrow")))
 
     held_out = np.isin(ids, val_ids)
     train = rows(train_stream(1))
@@ -68,17 +69,18 @@ def test_each_stream_holds_the_rows_the_plan_gives_it_reading_only_row_groups_th
     evaluated = rows(EVAL)
     assert evaluated.num_rows == held_out.sum() + (split == "test").sum()
     assert evaluated["split"].to_pylist().count("val") == len(val_ids)
+    assert pa.concat_tables(streams[EVAL].iter_batches()).equals(evaluated)  # a whole pass read straight
 
 
-def two_workers(plan: dict, name: str, epoch_seed):
+def two_workers(plan: dict, name: str, epoch_seed, nodes=None):
     """Rank 0's and rank 1's rows of one epoch of stream `name`, as (label, feature 'a') arrays,
-    read concurrently as two Train workers read them."""
+    read concurrently as two Train workers on `nodes` (default: this one) read them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.streams import StreamSplits
     from pipeline.worker import shards_of
 
-    splits = StreamSplits().configure(sequence_streams(plan), 2, None, None)
+    streams = sequence_streams(plan)
+    splits = StreamSplits(streams.get(ROWS)).configure({n: s.dataset for n, s in streams.items()}, 2, None, nodes)
 
     def epoch(rank):
         shard = shards_of(splits[rank], plan, rank, 2)(name)
@@ -108,3 +110,10 @@ def test_two_workers_share_an_epoch_of_a_task_and_a_held_one_mixes_every_class(s
     if hold_mb:  # held: a seeded permutation of the whole task, so each worker's rows mix its three classes
         assert set(labels_0) == set(labels_1) == {0, 1, 2}
         assert not np.array_equal(labels_0, two_workers(plan, train_stream(0), [0, 0, 2])[0][0])
+        # A worker on another node than the local file's gets the same rows through Ray Data.
+        nodes = [ray_local.get_runtime_context().get_node_id(), "another-node"]
+        streams = sequence_streams(plan)
+        splits = StreamSplits(streams[ROWS]).configure({ROWS: streams[ROWS].dataset}, 2, None, nodes)
+        assert isinstance(splits[0][ROWS], Stream) and isinstance(splits[1][ROWS], DataIterator)
+        elsewhere = two_workers(plan, train_stream(0), [0, 0, 1], nodes)[1]
+        assert np.array_equal(elsewhere[0], labels_1) and np.array_equal(elsewhere[1], a_1)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_sweep_nests_trials_records_failures_and_writes_a_runnable_best_config(ray_local, tmp_path, capsys):
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({
-        "num_tasks": 2, "train": {"epochs": 1}, "model": {"num_experts": 2},
+        "num_tasks": 2, "train": {"epochs": 1}, "model": {"num_experts": 2, "projection": 256},
         "sweep": {"samples": 1, "scheduler": "fifo", "space": {
             "model.top_k": {"grid": [1, 2, 3]},  # 3 > num_experts: that trial's config is rejected
             "loss.align": {"uniform": [0.0, 0.5]}}},
@@ -44,7 +44,7 @@ def test_sweep_nests_trials_records_failures_and_writes_a_runnable_best_config(r
 def test_a_local_executor_sweep_trains_each_trial_in_its_own_process(ray_local, tmp_path, capsys):
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({
-        "num_tasks": 2, "executor": "local", "train": {"epochs": 1},
+        "num_tasks": 2, "executor": "local", "train": {"epochs": 1}, "model": {"projection": 256},
         "sweep": {"samples": 1, "scheduler": "fifo", "space": {"loss.align": {"grid": [0.0, 0.5]}}},
     }))
     best = tmp_path / "best.yaml"

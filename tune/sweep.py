@@ -104,13 +104,15 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, best_out: str, verbose: bool =
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline.driver import prepare_data
+    from pipeline.driver import check_locations, prepare_data
     from pipeline.executors import EXECUTORS, one_cpu_each
-    from pipeline.runtime import quiet_logs
+    from pipeline.runtime import init_ray, quiet_logs
 
     quiet_logs(verbose)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # trials run in other processes
     cfg.tracking.uri = tracking_uri(cfg)
+    check_locations(cfg)
+    init_ray(cfg, verbose)  # Tune's trials are Ray actors, whichever executor trains them
     prepare_data(cfg, log, verbose)  # built and encoded once, not by every trial
     if cfg.train.val_fraction == 0:
         cfg.train.val_fraction = sweep.val_fraction
