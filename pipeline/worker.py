@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -236,10 +237,22 @@ class LocalStepper(Stepper):
         self.optimizer.load_state_dict(saved["optimizer"])
 
 
+def import_deepspeed():
+    """`import deepspeed` without the `import mlflow` of DeepSpeed's autotuner (never run here, and the
+    only user of it): 2 of a Train worker's 2.5 s to import DeepSpeed, paid by every worker of every fit."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # the autotuner's `import mlflow` raises ImportError, which it catches
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+    return deepspeed
+
+
 class DeepSpeedStepper(Stepper):
     def __init__(self, model, params, train):
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         self.engine, *_ = deepspeed.initialize(model=adapter_of(model), optimizer=adamw(params, train),
                                                config=deepspeed_config(train))
         self.engine.checkpoint_engine = weights_only_engine(self.engine._config)

@@ -29,7 +29,8 @@ def small_av_digits(tmp_path):
 def test_av_digits_through_the_feature_cache_and_ray_train(ray_local, tmp_path, capsys):
     data, table = small_av_digits(tmp_path)
     out_dir = tmp_path / "runs"
-    args = ["run", "--data", str(data), "--tasks", "2", "train.epochs=3", "model.projection=256", f"output_dir={out_dir}"]
+    args = ["run", "--data", str(data), "--tasks", "2", "train.epochs=3", "model.projection=256",
+            f"output_dir={out_dir}"]
     assert main([*args, "--scenario", "class-il", "--out", str(tmp_path / "c.json")]) == 0
     printed = capsys.readouterr().out
     assert f"Features: encoding {table.num_rows} rows (image: efficientnet_lite0, audio: speech_embedding)" in printed

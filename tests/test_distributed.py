@@ -3,6 +3,8 @@ evaluation gives the driver's, and a RayTrainWorker killed mid-task is replaced 
 the result. A local Ray runtime, DeepSpeed engines on gloo, an MLflow SQLite store."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import mlflow
@@ -89,3 +91,12 @@ def test_deepspeed_and_precision_settings_reach_the_engine_and_the_loop(syntheti
     # bf16 autocast around the forward pass, fp32 master weights: the loop still learns every task.
     result = run_sequence(config(synthetic, tmp_path, "executor=local", "train.precision=bf16"), log=lambda *_: None)
     assert all(result["acc_matrix"][i][i] > 0.8 for i in range(3)), result["acc_matrix"]
+
+
+def test_a_train_worker_imports_deepspeed_without_mlflow():
+    """DeepSpeed's autotuner imports MLflow at import time: 2 s of every worker's start."""
+    code = ("import sys; from pipeline.worker import import_deepspeed; ds = import_deepspeed(); "
+            "print(ds.initialize is not None, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"}).stdout
+    assert out.split()[-2:] == ["True", "False"]

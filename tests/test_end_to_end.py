@@ -156,7 +156,7 @@ def test_sensor_streams_train_through_the_timeseries_kind(ray_local, tmp_path, c
     """BasicMotions (the copy `aeon` ships): accelerometer and gyroscope series, tokens by time segment."""
     out = tmp_path / "r.json"
     assert main(["run", "--benchmark", "basicmotions", "--out", str(out), "--tasks", "2", "train.epochs=3",
-                 "tracking.enabled=false", f"output_dir={tmp_path}"]) == 0
+                 "model.projection=256", "tracking.enabled=false", f"output_dir={tmp_path}"]) == 0
     assert "accelerometer only" in capsys.readouterr().out
     assert json.loads(out.read_text())["avg_acc"] >= 0.8  # 4 activities, chance 0.25
     (manifest,) = tmp_path.glob("cache/*/_mmcl_features.json")
