@@ -118,8 +118,7 @@ def test_one_writer_per_run_folder_and_a_killed_writer_is_taken_over(synthetic, 
 def test_runs_side_by_side_on_one_store_and_a_finished_sequence_is_not_trained_again(synthetic, tmp_path, capsys):
     def command(seed, *more):
         return ["run", "--data", str(synthetic), "--tasks", "2", "--seed", str(seed), *more, LOCAL, SMALL,
-                "train.epochs=2",
-                f"output_dir={tmp_path}"]
+                "train.epochs=2", f"output_dir={tmp_path}"]
 
     # Two configs on a fresh store; then the same config twice at once.
     for pair in ((0, 1), (2, 2)):
