@@ -165,12 +165,13 @@ class StreamSplits(DataConfig):
     """Every stream split across the workers, in order: train streams into equal shares (every worker
     takes the same number of optimizer steps; up to world-1 rows of a pass are left out), the eval
     stream into unequal ones so that every row is predicted once. The held sequence's one stream
-    (`held`, a Stream) reaches every worker whole, with no coordinator between them: read straight
+    (`held_rows`, a Stream) reaches every worker whole, with no coordinator between them: read straight
     from the files by a worker on a node that can read them, else through its dataset."""
 
-    def __init__(self, held: Stream | None = None):
+    def __init__(self, held_rows: Stream | None = None):
         super().__init__()
-        self.held = Stream(held.parts, held.select, held.placement) if held is not None else None  # no dataset
+        self.held_rows = None if held_rows is None else Stream(  # a copy without its dataset
+            held_rows.parts, held_rows.select, held_rows.placement)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
@@ -180,7 +181,8 @@ class StreamSplits(DataConfig):
             ds.context.execution_options = self._resolve_execution_options(name)
             ds.context.execution_options.preserve_order = True
             if name == ROWS:
-                splits = [self.held if self.held and self.held.readable_on(node) else ds.iterator() for node in nodes]
+                rows = self.held_rows
+                splits = [rows if rows and rows.readable_on(node) else ds.iterator() for node in nodes]
             else:
                 splits = ds.streaming_split(world_size, equal=name != EVAL, locality_hints=worker_node_ids)
             for i, split in enumerate(splits):
