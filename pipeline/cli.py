@@ -53,6 +53,56 @@ def _run(args) -> int:
     return 0
 
 
+def _update(args) -> int:
+    from pipeline.evaluate import format_matrix
+    from pipeline.update import GATE_FAILED, update_model
+
+    overrides = list(args.overrides)
+    for flag, key in (("tracking_uri", "tracking.uri"), ("address", "ray_address")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.scenario and args.new:
+        overrides.append(f"scenario={args.scenario}")
+    try:
+        user = load_config(args.config, overrides)
+        result = update_model(args.model, args.data, user, args.config, overrides, args.scenario, args.new,
+                              args.verbose)
+    except _user_errors() as e:
+        return _fail(e, args.verbose)
+    print("\nAccuracy matrix (row i: after drop i; column j: drop j's test rows)\n"
+          f"{format_matrix(result['acc_matrix'])}")
+    gate = result["gate"]
+    origin = f"continued from version {result['continued_from']}" if result["continued_from"] else "a new model"
+    print(f"{result['model']} version {result['version']} ({origin}): "
+          + ("passed the gate, now @champion" if gate["passed"] else "kept as @challenger, the gate failed:"))
+    for line in gate["failures"]:
+        print(f"  {line}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0 if gate["passed"] else GATE_FAILED
+
+
+def _rollback(args) -> int:
+    from pipeline.tracking import TRACKING_ERRORS, open_client
+    from pipeline.update import CHAMPION
+
+    try:
+        uri = _existing_store(args.tracking_uri)
+        client = open_client(uri)
+        client.get_model_version(args.name, str(args.to))
+        try:
+            before = client.get_model_version_by_alias(args.name, CHAMPION).version
+        except TRACKING_ERRORS:
+            before = None
+        client.set_registered_model_alias(args.name, CHAMPION, str(args.to))
+    except ConfigError as e:
+        return _fail(e)
+    except TRACKING_ERRORS as e:
+        return _fail(f"{args.name} version {args.to}: {str(e).splitlines()[0]} (store {uri})")
+    print(f"{args.name}@{CHAMPION}: version {before or '-'} -> version {args.to}")
+    return 0
+
+
 def _bench(args) -> int:
     from pipeline.bench import markdown, run_bench, write_bench
 
@@ -222,7 +272,7 @@ def _predict(args) -> int:
 
 
 def _lineage(args) -> int:
-    from pipeline.tracking import model_versions
+    from pipeline.tracking import model_aliases, model_versions
 
     try:
         uri = _existing_store(args.tracking_uri)
@@ -231,10 +281,14 @@ def _lineage(args) -> int:
     versions = model_versions(uri, args.name)
     if not versions:
         return _fail(f"no registered model '{args.name}' in {uri}")
+    aliases = {}
+    for alias, version in model_aliases(uri, args.name).items():
+        aliases.setdefault(str(version), []).append(alias)
     for v in versions:
         t = v.tags
         parent = t.get("mmcl.continued_from_version") or "-"
-        print(f"version {v.version}: task {t.get('mmcl.task_index')} <- version {parent}  "
+        named = "".join(f" @{a}" for a in sorted(aliases.get(str(v.version), [])))
+        print(f"version {v.version}{named}: task {t.get('mmcl.task_index')} <- version {parent}  "
               f"classes seen [{t.get('mmcl.classes_seen', '')}] domains seen [{t.get('mmcl.domains_seen', '')}]  "
               f"data {t.get('mmcl.data_fingerprint')} config {t.get('mmcl.config_hash')} run {t.get('mmcl.run_id')}")
     return 0
@@ -374,6 +428,27 @@ def main(argv=None) -> int:
         else:
             c.add_argument("overrides", nargs="*", help="config overrides, e.g. encoders.image=timm:resnet18")
         c.set_defaults(func=func)
+    update = sub.add_parser("update", help="learn a data drop as the next task of a registered model; a gate "
+                                           "decides whether the new version becomes @champion")
+    update.add_argument("--model", required=True, help="NAME (its @champion), NAME@ALIAS or NAME/VERSION; with --new, "
+                                                       "the name of the model to start")
+    update.add_argument("--data", required=True, help="the drop: a Parquet file or folder in the project's schema")
+    update.add_argument("--new", action="store_true", help="start a new registered model with this first drop")
+    update.add_argument("--scenario", choices=CHOICES["scenario"],
+                        help="class-il: the drop's classes are new; domain-il: new domains of known classes "
+                             "(default: as the drop's labels say)")
+    update.add_argument("--config", help="YAML config over the model's own (its first drop's config)")
+    update.add_argument("--tracking-uri", help="the MLflow store of the registry (default: the project's under runs/)")
+    update.add_argument("--address", help="Ray cluster address")
+    update.add_argument("--out", help="write the result JSON here")
+    update.add_argument("--verbose", action="store_true")
+    update.add_argument("overrides", nargs="*", help="config overrides, e.g. gate.max_forgetting=0.02 train.epochs=5")
+    update.set_defaults(func=_update)
+    rollback = sub.add_parser("rollback", help="move a registered model's @champion back to a version")
+    rollback.add_argument("name")
+    rollback.add_argument("--to", required=True, type=int, help="the version to serve again")
+    rollback.add_argument("--tracking-uri")
+    rollback.set_defaults(func=_rollback)
     predict = sub.add_parser("predict", help="predict with a registered model version")
     predict.add_argument("--model-uri", required=True, help="e.g. models:/mfeat-class-il-cmoe/3")
     predict.add_argument("--input", required=True, help="Parquet file with the model's modality columns")

@@ -64,6 +64,13 @@ class CacheConfig:
 
 
 @dataclass
+class GateConfig:
+    """`mmcl update`'s promotion rules: a new version becomes the champion only if it keeps both."""
+    max_forgetting: float = 0.05  # accuracy (0-1) any earlier drop's test rows may lose against the version updated
+    min_accuracy: float = 0.0  # accuracy the new drop's test rows must reach
+
+
+@dataclass
 class RunConfig:
     benchmark: str = "mfeat"
     data: str | None = None  # a Parquet file or folder in the project's schema, instead of a benchmark
@@ -82,6 +89,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def cache_dir(self) -> str:
         return self.cache.dir or str(Path(self.output_dir) / "cache")
@@ -114,7 +122,7 @@ class RunConfig:
         """Hash of everything that changes results or how they are made (not where they are written
         or tracked): the run folder's name, so runs of the two executors never resume each other."""
         d = self.to_dict()
-        for k in ("ray_address", "output_dir", "storage_path", "tracking", "cache"):
+        for k in ("ray_address", "output_dir", "storage_path", "tracking", "cache", "gate"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -270,6 +278,9 @@ def _check(cfg: RunConfig) -> None:
         if value < low or (value == low and not inclusive) or (high is not None and value >= high):
             bound = f"{'at least' if inclusive else 'above'} {low}" + (f" and below {high}" if high is not None else "")
             raise ConfigError(f"{key} must be {bound}, not {value}")
+    for key in ("gate.max_forgetting", "gate.min_accuracy"):
+        if not 0 <= flat[key] <= 1:
+            raise ConfigError(f"{key} must be an accuracy between 0 and 1, not {flat[key]}")
     if not isinstance(cfg.encoders, dict):
         raise ConfigError("encoders must map modality columns to encoder specs, e.g. {image: timm:resnet18}")
     from models.encoders import encoder_kind

@@ -88,7 +88,13 @@ def prepare_data(cfg: RunConfig, log=print, verbose: bool = False) -> PreparedDa
     source = str(cfg.data or benchmark_path(cfg.benchmark, Path(cfg.output_dir) / "data"))
     data = load_data(source)  # several files: checked by Ray Data tasks when the caller started Ray
     check_tasks(cfg, data)
-    fingerprint = data_fingerprint(source)
+    return prepare_source(cfg, source, data, log, verbose)
+
+
+def prepare_source(cfg: RunConfig, source: str, data: MultiModalData, log=print, verbose: bool = False,
+                   fingerprint: str | None = None) -> PreparedData:
+    """A checked source (`load_data`) as the model reads it: itself, or its cached features."""
+    fingerprint = fingerprint or data_fingerprint(source)
     if not data.needs_encoding:
         return PreparedData(data, source, fingerprint)
     init_ray(cfg, verbose)  # the encoders are a Ray Data actor pool
@@ -168,9 +174,7 @@ class SequenceRecipe:
         labels = data.column("label")
         class_index = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
         class_index[scenario.class_order] = np.arange(len(scenario.class_order))
-        split, val_ids = hold_out_validation(data.column("split"), labels, data.column("sample_id"),
-                                             cfg.train.val_fraction,
-                                             data.column("group") if "group" in data.table.column_names else None)
+        split, val_ids = self.validation_split(data)
         eval_splits = [s for s in ("val", "test") if (split == s).any()]
         spec = {"family": method.family, "joint": method.joint, "modalities": data.modalities,
                 "class_order": scenario.class_order,
@@ -187,9 +191,24 @@ class SequenceRecipe:
                 "verbose": verbose}
         self.state.data["mlflow_run_id"] = self.tracker.start_sequence(cfg, name, self.state.data["mlflow_run_id"])
         self.state.save()
-        if self.state.tasks:
-            self.log(f"Resuming {self.run_dir}: tasks 0-{len(self.state.tasks) - 1} already finished")
+        if line := self.resume_line():
+            self.log(line)
         return plan
+
+    def resume_line(self) -> str | None:
+        if self.state.tasks:
+            return f"Resuming {self.run_dir}: tasks 0-{len(self.state.tasks) - 1} already finished"
+        return None
+
+    def validation_split(self, data: MultiModalData) -> tuple[np.ndarray, list]:
+        """The split column with the rows held out for validation marked 'val', and their ids."""
+        return hold_out_validation(data.column("split"), data.column("label"), data.column("sample_id"),
+                                   self.cfg.train.val_fraction,
+                                   data.column("group") if "group" in data.table.column_names else None)
+
+    def lineage(self, record: TaskRecord) -> dict:
+        """Tags of a task's registered version beyond the chain's own (`mmcl update` adds its drops)."""
+        return {}
 
     def train(self, executor, plan: dict, verbose: bool, on_task_end=None) -> None:
         """The remaining tasks; each recorded, logged and reported (`on_task_end`) as it ends."""
@@ -251,7 +270,7 @@ class SequenceRecipe:
         if i < len(self.scenario.tasks):
             t = self.scenario.tasks[i]
             self.log(f"Task {i + 1}/{len(self.scenario.tasks)}: "
-                     + (f"classes {t.classes}" if self.scenario.kind == "class-il" else f"domains {t.domains}"))
+                     + (f"classes {t.classes}" if t.domains is None else f"domains {t.domains}"))
             self.to_mlflow(self.tracker.start_task, self.state.data["mlflow_run_id"], self.cfg, t,
                            len(self.scenario.tasks), self.prepared.dataset_input())
 
@@ -282,7 +301,7 @@ class SequenceRecipe:
                 "mmcl.continued_from_version": state.tasks[i - 1].model_version or "" if i else "",
                 "mmcl.data": prepared.source, "mmcl.data_fingerprint": prepared.fingerprint,
                 "mmcl.config_hash": self.cfg.fingerprint(), "mmcl.features": prepared.features or "",
-                "mmcl.sequence_run_id": state.data["mlflow_run_id"],
+                "mmcl.sequence_run_id": state.data["mlflow_run_id"], **self.lineage(t),
             }
             logged = self.tracker.log_task(state.data["mlflow_run_id"], t, len(scenario.tasks), t.local, lineage)
             t.run_id, t.model_version = logged.get("run_id"), logged.get("model_version") or None

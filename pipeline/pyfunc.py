@@ -66,19 +66,25 @@ def log_task_model(name: str, checkpoint_dir: str):
 
 
 def load_task_model(model_uri: str, tracking_uri: str) -> TaskModel:
-    """A logged or registered model, its MLmodel checked to name this module before its checkpoint
-    is read: mlflow.pyfunc.load_model would import whatever loader a crafted MLmodel names, or
-    unpickle its python_model.pkl. Versions logged before this module (a pickled PythonModel with the
-    checkpoint as its artifact) load from that checkpoint, their pickle unread."""
-    mlflow.set_tracking_uri(tracking_uri)  # models:/ resolves in the global registry, whatever it is passed
+    """A logged or registered model (`download_checkpoint`), loaded."""
     with tempfile.TemporaryDirectory(prefix="mmcl-model-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
-        loader = flavor.get("loader_module")
-        if loader == __name__:
-            return TaskModel(local / flavor["data"])
-        earlier = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
-        if loader == "mlflow.pyfunc.model" and earlier:
-            return TaskModel(local / earlier)
-        raise CheckpointError(f"{model_uri}: not a model that mmcl logged (its pyfunc loader is {loader}); "
-                              "mmcl loads only its own, whose files hold no code")
+        return TaskModel(download_checkpoint(model_uri, tracking_uri, tmp))
+
+
+def download_checkpoint(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """The checkpoint folder of a logged or registered model, downloaded under `dst`, its MLmodel
+    checked to name this module before anything else is read: mlflow.pyfunc.load_model would import
+    whatever loader a crafted MLmodel names, or unpickle its python_model.pkl. Versions logged before
+    this module (a pickled PythonModel with the checkpoint as its artifact) give that checkpoint,
+    their pickle unread."""
+    mlflow.set_tracking_uri(tracking_uri)  # models:/ resolves in the global registry, whatever it is passed
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+    loader = flavor.get("loader_module")
+    if loader == __name__:
+        return local / flavor["data"]
+    earlier = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
+    if loader == "mlflow.pyfunc.model" and earlier:
+        return local / earlier
+    raise CheckpointError(f"{model_uri}: not a model that mmcl logged (its pyfunc loader is {loader}); "
+                          "mmcl loads only its own, whose files hold no code")

@@ -15,6 +15,7 @@ from ray.train import DataConfig
 
 EVAL = "eval"
 ROWS = "rows"  # the one stream of a held sequence
+DROP = "drop"  # `mmcl update`'s chains: each row's drop (its task), from the file it was read from
 READ_ROWS = 4096  # rows a read task holds at once
 
 
@@ -28,7 +29,7 @@ def on_this_node(path: str) -> dict:
     others through the object store); a URI (s3://, gs://, ...) from any node."""
     import ray
 
-    if "://" in str(path):
+    if all("://" in str(p) for p in (path if isinstance(path, list) else [path])):
         return {}
     return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
@@ -81,11 +82,20 @@ def stream_names(plan: dict) -> list[str]:
     return [train_stream(t["index"]) for t in plan["tasks"][plan["first_task"]:]] + [EVAL]
 
 
-def read_parts(parts: dict, columns: list[str], **select) -> Iterator[pa.Table]:
-    """Ray Data: the selected rows of some row groups, READ_ROWS at a time."""
-    for file, group in zip(parts["file"], parts["row_group"]):
+def read_parts(parts: dict, columns: list[str], types: dict | None = None, **select) -> Iterator[pa.Table]:
+    """Ray Data: the selected rows of some row groups, READ_ROWS at a time. A chain's drops
+    (`DROP`) may store a modality as a list in one file and a fixed-size list in another: `types`
+    casts each to the first drop's type."""
+    drops = parts.get(DROP, [None] * len(parts["file"]))
+    for file, group, drop in zip(parts["file"], parts["row_group"], drops):
         for batch in storage.parquet_file(file).iter_batches(READ_ROWS, row_groups=[int(group)], columns=columns):
-            yield select_rows(pa.Table.from_batches([batch]), **select)
+            table = pa.Table.from_batches([batch])
+            if drop is not None:
+                table = table.append_column(DROP, pa.array(np.full(table.num_rows, int(drop))))
+                for m, kind in (types or {}).items():
+                    if table.schema.field(m).type != kind:
+                        table = table.set_column(table.schema.get_field_index(m), m, table[m].cast(kind))
+            yield select_rows(table, **select)
 
 
 class Stream:
@@ -122,7 +132,7 @@ class Stream:
             yield from self.dataset.iter_batches(batch_size=batch_size, batch_format=batch_format, **kwargs)
             return
         for p in self.parts:
-            yield from read_parts({"file": [p["file"]], "row_group": [p["row_group"]]}, **self.select)
+            yield from read_parts({k: [v] for k, v in p.items()}, **self.select)
 
 
 def sequence_streams(plan: dict) -> dict[str, Stream]:
@@ -135,19 +145,25 @@ def sequence_streams(plan: dict) -> dict[str, Stream]:
 
     data = plan["data"]
     parts = parquet_parts(data["path"])
+    for p in parts if "drop_of_file" in data else ():
+        p[DROP] = data["drop_of_file"][p["file"]]
     metadata = {parts[0]["file"]: storage.parquet_file(parts[0]["file"]).metadata}  # each footer read once
     grouped = "group" in metadata[parts[0]["file"]].schema.to_arrow_schema().names
     columns = ["sample_id", *(["group"] if grouped else []), "label", "domain", "split", *plan["spec"]["modalities"]]
     val_ids = pa.array(data["val_ids"], pa.string())
+    first = metadata[parts[0]["file"]].schema.to_arrow_schema()
+    types = {m: first.field(m).type for m in plan["spec"]["modalities"]} if "drop_of_file" in data else None
     placement = on_this_node(data["path"]) if ray.is_initialized() else {}  # no Ray: read in this process
 
     def stream(parts, splits, column=None, values=()):
-        select = {"columns": columns, "splits": splits, "column": column, "values": list(values), "val_ids": val_ids}
+        select = {"columns": columns, "types": types, "splits": splits, "column": column, "values": list(values),
+                  "val_ids": val_ids}
         return Stream(parts, select, placement)
 
     def train(task):
         column, values = task["train"]
-        mine = may_hold(parts, {"split": ["train"], column: values}, metadata)
+        mine = [p for p in parts if p[DROP] in values] if column == DROP else parts
+        mine = may_hold(mine, {"split": ["train"], column: values}, metadata)
         order = np.random.default_rng([plan["seed"], task["index"]]).permutation(len(mine))
         return stream([mine[i] for i in order], ["train"], column, values)
 

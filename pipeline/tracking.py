@@ -135,10 +135,10 @@ def ui_command(cfg: RunConfig) -> str:
 
 
 class Tracker:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, model_name: str | None = None):
         self.uri = tracking_uri(cfg)
         self.client = open_client(self.uri)
-        self.model_name = registered_model_name(cfg)
+        self.model_name = model_name or registered_model_name(cfg)
         name = experiment_name(cfg)
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
@@ -387,6 +387,11 @@ def predict(uri: str, model_uri: str, frame: pd.DataFrame) -> pd.DataFrame:
 def model_versions(uri: str, name: str) -> list:
     """A registered model's versions, oldest first."""
     return sorted(MlflowClient(uri).search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def model_aliases(uri: str, name: str) -> dict[str, str]:
+    """A registered model's aliases: alias -> version."""
+    return {a: str(v) for a, v in MlflowClient(uri).get_registered_model(name).aliases.items()}
 
 
 def experiment_links(uri: str, address: str) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from models.losses import LossWeights
 from models.methods import ContinualModel
 from pipeline.checkpoint import build_model, load_model, load_tensors, save_model
 from pipeline.data import batch_to_arrays
-from pipeline.streams import EVAL, ROWS, chosen, stream_names, train_stream
+from pipeline.streams import DROP, EVAL, ROWS, chosen, stream_names, train_stream
 
 GRADIENT_CLIP = 1.0  # max gradient norm, both executors
 EVAL_BATCH = 512
@@ -45,7 +45,7 @@ class Rows:
             self.present = torch.zeros(0, len(modalities), dtype=torch.bool)
             self.targets = torch.zeros(0, dtype=torch.long)
             self.select = {"label": np.zeros(0, np.int64), "domain": np.zeros(0, str), "split": np.zeros(0, str),
-                           "holdout": np.zeros(0, bool)}
+                           "holdout": np.zeros(0, bool), DROP: np.zeros(0, np.int64)}
             return
         table = pa.concat_tables(tables)
         columns = {"label": table["label"].to_numpy()}
@@ -62,6 +62,8 @@ class Rows:
         self.select = {c: table[c].to_numpy(zero_copy_only=False).astype(str if c != "label" else np.int64)
                        for c in ("label", "domain", "split")}
         self.select["holdout"] = table["holdout"].to_numpy(zero_copy_only=False)
+        if DROP in table.column_names:
+            self.select[DROP] = table[DROP].to_numpy()
 
     def __len__(self) -> int:
         return len(self.targets)
