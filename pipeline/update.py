@@ -257,9 +257,10 @@ def stage_checkpoint(client_uri: str, chain: Chain, run_dir: Path, cfg: RunConfi
     return local, target
 
 
-def prepare_drops(cfg: RunConfig, chain: Chain, source: str, log, verbose: bool) -> list[PreparedData]:
-    """Every earlier drop checked against its recorded fingerprint (before anything is encoded or
-    trained), then the new drop; each as the model reads it."""
+def prepare_drops(cfg: RunConfig, chain: Chain, source: str, kind: str | None, log, verbose: bool):
+    """Every earlier drop checked against its recorded fingerprint, then the new drop's labels and
+    domains against the chain's, all before anything is encoded or trained; each drop as the model
+    reads it. Returns (drops, the new drop's task, its kind, the chain's label names)."""
     out = []
     for k, d in enumerate(chain.drops):
         learnt = f"drop {k} ({d['path']}, learnt by version {d.get('version') or '?'} of '{chain.name}')"
@@ -271,11 +272,14 @@ def prepare_drops(cfg: RunConfig, chain: Chain, source: str, log, verbose: bool)
         if fingerprint != d["fingerprint"]:
             raise DataError(f"{learnt} has changed since (fingerprint {fingerprint}, was {d['fingerprint']})")
         out.append(prepare_source(cfg, d["path"], load_data(d["path"]), log, verbose, fingerprint))
-    new = prepare_source(cfg, source, load_data(source), log, verbose)
+    data = load_data(source)
+    task, kind = drop_task(len(chain.drops), kind, data, chain, source)
+    label_names = check_label_names(data, chain, source)
+    new = prepare_source(cfg, source, data, log, verbose)
     for k, d in enumerate(out):
         if d.fingerprint == new.fingerprint:
             raise DataError(f"{source}: the same data as drop {k} ({d.source}), which the model has learnt")
-    return [*out, new]
+    return [*out, new], task, kind, label_names
 
 
 def update_model(ref: str, drop: str, user: RunConfig, config_path: str | None = None, overrides: list[str] = (),
@@ -302,9 +306,7 @@ def update_model(ref: str, drop: str, user: RunConfig, config_path: str | None =
     check_locations(cfg)
     executor = EXECUTORS[cfg.executor]
     executor.start(cfg, verbose)
-    drops = prepare_drops(cfg, chain, drop, log, verbose)
-    task, kind = drop_task(len(chain.drops), kind, drops[-1].data, chain, drop)
-    label_names = check_label_names(drops[-1].data, chain, drop)
+    drops, task, kind, label_names = prepare_drops(cfg, chain, drop, kind, log, verbose)
     data, drop_of_file = union(drops)
     tasks = [Task(k, d["classes"], d["domains"]) for k, d in enumerate(chain.drops)] + [task]
     order = chain.class_order + [c for c in task.classes if c not in chain.class_order]

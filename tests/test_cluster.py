@@ -137,10 +137,10 @@ def test_run_and_sweep_submitted_as_ray_jobs(two_nodes, mlflow_server, tmp_path)
         return job.stdout
 
     common = [f"tracking.uri={mlflow_server}", f"storage_path={tmp_path / 'shared'}", f"output_dir={tmp_path / 'out'}"]
-    printed = submit("run", "--tasks", "2", "train.epochs=1", "model.projection=256", *common)
+    printed = submit("run", "--tasks", "1", "train.epochs=1", "model.projection=256", *common)  # Jobs, not tasks
     assert "average accuracy" in printed
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"num_tasks": 2, "train": {"epochs": 1}, "model": {"projection": 256}, "sweep": {
+    sweep.write_text(yaml.safe_dump({"num_tasks": 1, "train": {"epochs": 1}, "model": {"projection": 256}, "sweep": {
         "samples": 2, "scheduler": "fifo", "space": {"loss.align": {"uniform": [0.0, 0.5]}}}}))
     printed = submit("sweep", "--config", str(sweep), "--best-out", str(tmp_path / "best.yaml"), *common)
     assert "2 trials" in printed
@@ -158,7 +158,7 @@ def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(tw
     s3.client.upload_file(str(synthetic_text), "mmcl", "data/synthetic-text.parquet")
     server, mlflow_server = start_mlflow_server(tmp_path, "s3://mmcl/mlartifacts", two_nodes.env)
     args = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes.address,
-            "--data", "s3://mmcl/data/synthetic-text.parquet", "--tasks", "3", "train.epochs=3", "model.projection=256",
+            "--data", "s3://mmcl/data/synthetic-text.parquet", "--tasks", "3", "train.epochs=2", "model.projection=256",
             "cache.dir=s3://mmcl/cache", "storage_path=s3://mmcl/ray",
             "train.cpus_per_worker=2",  # one worker per node: tasks long enough to lose a node in
             f"tracking.uri={mlflow_server}", f"output_dir={tmp_path / 'out'}", "--out", str(tmp_path / "r.json")]
@@ -169,9 +169,9 @@ def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(tw
         lines, raylet = [], None
         for line in proc.stdout:
             lines.append(line.rstrip())
-            if "task 1/3 epoch 1/3" in line:
+            if "task 1/3 epoch 1/2" in line:
                 placed = {a: n for a, n in train_worker_nodes(two_nodes.dashboard).items() if a not in earlier}
-            if "task 2/3 epoch 1/3" in line and raylet is None:  # the second node goes away mid-task
+            if "task 2/3 epoch 1/2" in line and raylet is None:  # the second node goes away mid-task
                 raylet = raylet_of(two_nodes.second)
                 threading.Timer(0.3, raylet.kill).start()
         assert proc.wait() == 0, "\n".join(lines[-30:])

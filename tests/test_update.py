@@ -30,7 +30,7 @@ def of_labels(table: pa.Table, labels: list[int]) -> pa.Table:
 
 def write_drops(folder: Path) -> dict[str, Path]:
     """mfeat's classes 0-3, 4-6 and 7-9; classes 0-6 in the 'coarse' domain of mfeat-domains (its
-    views stored as lists, not fixed-size lists); classes 7-8 with their labels shuffled."""
+    views stored as lists, not fixed-size lists); classes 7-8 with their labels shuffled; 6 and 7."""
     mfeat, domains = BENCHMARKS["mfeat"](folder / "mfeat.parquet"), BENCHMARKS["mfeat-domains"](folder / "d.parquet")
     table, shifted = pq.read_table(mfeat), pq.read_table(domains)
     coarse = of_labels(shifted.filter(pc.equal(shifted["domain"], "coarse")), list(range(7)))
@@ -40,7 +40,7 @@ def write_drops(folder: Path) -> dict[str, Path]:
     bad = bad.set_column(bad.schema.get_field_index("label"), "label", pa.array(shuffled, bad["label"].type))
     bad = bad.set_column(bad.schema.get_field_index("label_name"), "label_name", pa.array(shuffled.astype(str)))
     drops = {"first": of_labels(table, [0, 1, 2, 3]), "second": of_labels(table, [4, 5, 6]), "coarse": coarse,
-             "mislabelled": bad, "last": of_labels(table, [7, 8, 9])}
+             "mislabelled": bad, "last": of_labels(table, [7, 8, 9]), "mixed": of_labels(table, [6, 7])}
     for name, t in drops.items():
         pq.write_table(t, folder / f"{name}.parquet")
     return {name: folder / f"{name}.parquet" for name in drops}
@@ -96,6 +96,8 @@ def test_a_model_learns_drops_as_they_arrive_gated_rolled_back_and_resumed(ray_l
     code, _, printed = update("--model", "digits", "--data", str(drops["last"]))
     assert code == 2 and f"drop 1 ({drops['second'].resolve()}, learnt by version 2 of 'digits') has changed" in printed
     drops["second"].write_bytes(kept)
+    code, _, printed = update("--model", "digits", "--data", str(drops["mixed"]))  # one known class, one new
+    assert code == 2 and "column label: classes [7] are new and [6] are learnt already" in printed, printed
     assert len(client.search_model_versions("name = 'digits'")) == 4
 
     # Killed mid-task: nothing registered; the rerun learns the drop once, from the champion.
