@@ -148,10 +148,10 @@ def sequence_streams(plan: dict) -> dict[str, Stream]:
     for p in parts if "drop_of_file" in data else ():
         p[DROP] = data["drop_of_file"][p["file"]]
     metadata = {parts[0]["file"]: storage.parquet_file(parts[0]["file"]).metadata}  # each footer read once
-    grouped = "group" in metadata[parts[0]["file"]].schema.to_arrow_schema().names
+    first = metadata[parts[0]["file"]].schema.to_arrow_schema()
+    grouped = "group" in first.names
     columns = ["sample_id", *(["group"] if grouped else []), "label", "domain", "split", *plan["spec"]["modalities"]]
     val_ids = pa.array(data["val_ids"], pa.string())
-    first = metadata[parts[0]["file"]].schema.to_arrow_schema()
     types = {m: first.field(m).type for m in plan["spec"]["modalities"]} if "drop_of_file" in data else None
     placement = on_this_node(data["path"]) if ray.is_initialized() else {}  # no Ray: read in this process
 
