@@ -61,8 +61,6 @@ def _update(args) -> int:
     for flag, key in (("tracking_uri", "tracking.uri"), ("address", "ray_address")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    if args.scenario and args.new:
-        overrides.append(f"scenario={args.scenario}")
     try:
         user = load_config(args.config, overrides)
         result = update_model(args.model, args.data, user, args.config, overrides, args.scenario, args.new,

@@ -50,10 +50,7 @@ class Chain:
 
     @property
     def class_order(self) -> list:
-        order = []
-        for d in self.drops:
-            order += [c for c in d["classes"] if c not in order]
-        return order
+        return list(dict.fromkeys(c for d in self.drops for c in d["classes"]))
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -158,13 +155,11 @@ def union(drops: list[PreparedData]) -> tuple[MultiModalData, dict[str, int]]:
     return MultiModalData(list(files), table, first.kinds, first.modalities, first.tokens, nullable), files
 
 
-@dataclass
 class DropScenario(Scenario):
     """One task per drop, its rows its drop's files; the head grows with class-il drops."""
-    head_sizes: list[int] = field(default_factory=list)
 
     def head_size_after(self, task_index: int) -> int:
-        return self.head_sizes[task_index]
+        return len(dict.fromkeys(c for t in self.tasks[:task_index + 1] for c in t.classes))
 
     def rows_of(self, task: Task, so_far: bool = False) -> tuple[str, list]:
         return DROP, list(range(task.index + 1)) if so_far else [task.index]
@@ -309,9 +304,7 @@ def update_model(ref: str, drop: str, user: RunConfig, config_path: str | None =
     drops, task, kind, label_names = prepare_drops(cfg, chain, drop, kind, log, verbose)
     data, drop_of_file = union(drops)
     tasks = [Task(k, d["classes"], d["domains"]) for k, d in enumerate(chain.drops)] + [task]
-    order = chain.class_order + [c for c in task.classes if c not in chain.class_order]
-    sizes = [len(dict.fromkeys(c for d in chain.drops[:k + 1] for c in d["classes"])) for k in range(len(chain.drops))]
-    scenario = DropScenario("drops", order, tasks, [*sizes, len(order)])
+    scenario = DropScenario("drops", list(dict.fromkeys(c for t in tasks for c in t.classes)), tasks)
     cfg.num_tasks, cfg.scenario, cfg.data = len(tasks), kind, drop
     prepared = PreparedData(data, drop, drops[-1].fingerprint, drops[-1].features, drops[-1].encoders)
     folder = re.sub(r"[^A-Za-z0-9._-]", "_", chain.name)
