@@ -56,6 +56,7 @@ def _run(args) -> int:
 def _update(args) -> int:
     from pipeline.evaluate import format_matrix
     from pipeline.update import GATE_FAILED, update_model
+    from pipeline.watch import watch
 
     overrides = list(args.overrides)
     for flag, key in (("tracking_uri", "tracking.uri"), ("address", "ray_address")):
@@ -63,10 +64,19 @@ def _update(args) -> int:
             overrides.append(f"{key}={getattr(args, flag)}")
     try:
         user = load_config(args.config, overrides)
-        result = update_model(args.model, args.data, user, args.config, overrides, args.scenario, args.new,
-                              args.verbose)
+        if args.watch:
+            results = watch(args.model, args.watch, user, args.config, overrides, args.scenario, args.new,
+                            args.verbose, args.poll, args.once)
+        else:
+            results = [update_model(args.model, args.data, user, args.config, overrides, args.scenario, args.new,
+                                    args.verbose)]
     except _user_errors() as e:
         return _fail(e, args.verbose)
+    if args.watch:
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return 0
+    result = results[0]
     print("\nAccuracy matrix (row i: after drop i; column j: drop j's test rows)\n"
           f"{format_matrix(result['acc_matrix'])}")
     gate = result["gate"]
@@ -269,6 +279,21 @@ def _predict(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from pipeline.serve import serve
+    from pipeline.tracking import TRACKING_ERRORS
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        uri = _existing_store(args.tracking_uri)
+        serve(uri, args.model, args.host, args.port, args.poll)
+    except _user_errors() as e:
+        return _fail(e)
+    except TRACKING_ERRORS as e:
+        return _fail(f"{args.model}: {str(e).splitlines()[0]} (store {uri})")
+    return 0
+
+
 def _lineage(args) -> int:
     from pipeline.tracking import model_aliases, model_versions
 
@@ -430,8 +455,14 @@ def main(argv=None) -> int:
                                            "decides whether the new version becomes @champion")
     update.add_argument("--model", required=True, help="NAME (its @champion), NAME@ALIAS or NAME/VERSION; with --new, "
                                                        "the name of the model to start")
-    update.add_argument("--data", required=True, help="the drop: a Parquet file or folder in the project's schema")
-    update.add_argument("--new", action="store_true", help="start a new registered model with this first drop")
+    drop = update.add_mutually_exclusive_group(required=True)
+    drop.add_argument("--data", help="the drop: a Parquet file or folder in the project's schema")
+    drop.add_argument("--watch", metavar="DIR", help="learn every Parquet file that appears in DIR, in name order, one "
+                                                     "update each; files that fail validation go to DIR/rejected/")
+    update.add_argument("--new", action="store_true", help="start a new registered model with this first drop (with "
+                                                           "--watch: with the first file, if the model has none yet)")
+    update.add_argument("--poll", type=float, default=10.0, help="--watch: seconds between looks at DIR (default 10)")
+    update.add_argument("--once", action="store_true", help="--watch: learn what DIR holds now, then stop")
     update.add_argument("--scenario", choices=CHOICES["scenario"],
                         help="class-il: the drop's classes are new; domain-il: new domains of known classes "
                              "(default: as the drop's labels say)")
@@ -453,6 +484,14 @@ def main(argv=None) -> int:
     predict.add_argument("--out", required=True, help="predictions: .parquet, else CSV")
     predict.add_argument("--tracking-uri", help="default: the project's store under runs/")
     predict.set_defaults(func=_predict)
+    serve = sub.add_parser("serve", help="answer predictions over HTTP (MLflow's /invocations) with a registered "
+                                         "version, following its alias")
+    serve.add_argument("model", help="NAME (its @champion), NAME@ALIAS (followed as it moves) or NAME/VERSION")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--poll", type=float, default=5.0, help="seconds between checks of the alias (default 5)")
+    serve.add_argument("--tracking-uri", help="the registry's store (default: the project's under runs/)")
+    serve.set_defaults(func=_serve)
     lineage = sub.add_parser("lineage", help="the chain of registered versions of a model, task by task")
     lineage.add_argument("name", help="registered model name, e.g. mfeat-class-il-cmoe")
     lineage.add_argument("--tracking-uri")
@@ -465,7 +504,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\nmmcl: interrupted; `mmcl run` with the same arguments resumes after the last finished task",
+        print("\nmmcl: interrupted; the same command resumes after the last finished task",
               file=sys.stderr)
         return 130
 

@@ -1,6 +1,8 @@
 """A task's model as an MLflow pyfunc by loader module: a logged model holds the checkpoint's files
 (safetensors and JSON) and no pickle, and MLflow loads it by importing this module and calling
 `_load_pyfunc`, so loading runs installed code only."""
+import base64
+import binascii
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,8 @@ REQUIREMENTS = ["torch", "numpy", "pandas", "pyarrow", "safetensors"]
 
 class TaskModel:
     """A DataFrame with the modality columns in, labels out. Raw images, audio or text are encoded
-    with the encoders the model was trained on."""
+    with the encoders the model was trained on; images and audio may come base64-encoded (as JSON
+    carries them)."""
 
     def __init__(self, folder: str | Path):
         self.model, self.spec = load_model(folder)
@@ -36,6 +39,15 @@ class TaskModel:
             self.encoders[column] = create_encoder(spec, self.spec["tokens"])
         encoder, out = self.encoders[column], np.empty(len(values), dtype=object)
         rows = [i for i, v in enumerate(values) if v is not None]
+        if encoder.kind in ("image", "audio"):
+            values = values.copy()
+            for i in rows:
+                if isinstance(values[i], str):
+                    try:
+                        values[i] = base64.b64decode(values[i], validate=True)
+                    except binascii.Error:
+                        raise ValueError(f"column {column}, row {i}: text where {encoder.kind} bytes are expected "
+                                         "(send them base64-encoded)") from None
         kwargs = {"sample_rates": [rates[i] for i in rows]} if encoder.kind == "audio" and rates is not None else {}
         for i, e in zip(rows, encoder.encode([values[i] for i in rows], **kwargs) if rows else []):
             out[i] = e.reshape(-1)
@@ -49,6 +61,10 @@ class TaskModel:
             raise ValueError(f"input lacks the model's modality columns: {', '.join(missing)}")
         rates = model_input["sample_rate"].to_numpy() if "sample_rate" in model_input.columns else None
         columns = {m: self._encode(m, model_input[m].to_numpy(), rates) for m in self.spec["modalities"]}
+        for m, dim in self.spec["modalities"].items():
+            for i, v in enumerate(columns[m]):
+                if v is not None and (np.ndim(v) != 1 or len(v) % dim):
+                    raise ValueError(f"column {m}, row {i}: {np.size(v)} values; the model takes {dim} per token")
         columns["label"] = np.zeros(len(model_input), dtype=np.int64)
         index = predict(self.model, columns, self.spec["modalities"])
         order = np.asarray(self.spec["class_order"])

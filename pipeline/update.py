@@ -39,6 +39,10 @@ PLACEMENT = ("ray_address", "output_dir", "storage_path", "tracking", "cache", "
 FIXED = ("method", "encoders", "encoder_tokens", "model")  # what the chain's first drop set for good
 
 
+class ChainBroken(DataError):
+    """An earlier drop of the chain is missing or changed: no new drop can be learnt from it."""
+
+
 @dataclass
 class Chain:
     """What a registered version has learnt, from its tags (empty for a new model)."""
@@ -262,10 +266,10 @@ def prepare_drops(cfg: RunConfig, chain: Chain, source: str, kind: str | None, l
         try:
             fingerprint = data_fingerprint(d["path"])
         except (OSError, DataError) as e:
-            raise DataError(f"{learnt} cannot be read ({str(e).splitlines()[0]}); the update needs every earlier "
+            raise ChainBroken(f"{learnt} cannot be read ({str(e).splitlines()[0]}); the update needs every earlier "
                             "drop's test rows") from None
         if fingerprint != d["fingerprint"]:
-            raise DataError(f"{learnt} has changed since (fingerprint {fingerprint}, was {d['fingerprint']})")
+            raise ChainBroken(f"{learnt} has changed since (fingerprint {fingerprint}, was {d['fingerprint']})")
         out.append(prepare_source(cfg, d["path"], load_data(d["path"]), log, verbose, fingerprint))
     data = load_data(source)
     task, kind = drop_task(len(chain.drops), kind, data, chain, source)

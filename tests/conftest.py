@@ -100,6 +100,43 @@ def start_mlflow_server(folder: Path, artifacts: str | None = None, env: dict | 
     pytest.fail("mlflow server did not start")
 
 
+def start_model_server(model: str, store: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`mmcl serve MODEL` on 127.0.0.1 over the registry at `store`, checking its alias every second;
+    returned once it answers /ping."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", model, "--port", str(port), "--poll", "1",
+                             "--tracking-uri", store], cwd=Path(__file__).resolve().parents[1], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        if proc.poll() is not None:
+            pytest.fail(f"mmcl serve {model} stopped: {proc.stdout.read()}")
+        try:
+            if requests.get(f"{url}/ping", timeout=5).ok:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.5)
+    stop_server(proc)
+    pytest.fail(f"mmcl serve {model} did not answer")
+
+
+def served(url: str, frame, columns: list[str]) -> list[dict]:
+    """The server's answers for `frame`'s `columns`, posted as MLflow's JSON (dataframe_split): bytes
+    base64-encoded, arrays as lists."""
+    import base64
+
+    def jsonable(v):
+        if isinstance(v, bytes):
+            return base64.b64encode(v).decode()
+        return v.tolist() if hasattr(v, "tolist") else v
+
+    rows = [[jsonable(frame[c].iloc[i]) for c in columns] for i in range(len(frame))]
+    body = {"dataframe_split": {"columns": columns, "data": rows}}
+    answer = requests.post(f"{url}/invocations", json=body, timeout=120)
+    assert answer.ok, answer.text[-2000:]
+    return answer.json()["predictions"]
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     from pipeline.cli import stop_process_group
 

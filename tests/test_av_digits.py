@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import served, start_model_server, stop_server
 from models.encoders import create_encoder
 from pipeline.benchmarks.av_digits import build_av_digits
 from pipeline.cache import cache_key, list_entries
@@ -63,6 +64,14 @@ def test_av_digits_through_the_feature_cache_and_ray_train(ray_local, tmp_path, 
     predicted = pd.read_csv(tmp_path / "p.csv")
     assert predicted["sample_id"].tolist() == test_rows["sample_id"].to_pylist()
     assert (predicted["prediction"].to_numpy() == test_rows["label"].to_numpy()).mean() > 0.35
+    # Over HTTP, the raw images and audio as JSON carries them (base64), the same answers.
+    server, url = start_model_server("small-class-il-cmoe/2", f"sqlite:///{out_dir / 'mlflow.db'}")
+    try:
+        answers = served(url, test_rows.to_pandas(), ["image", "audio"])
+    finally:
+        stop_server(server)
+    assert [a["prediction"] for a in answers] == predicted["prediction"].tolist()
+    assert {a["model_version"] for a in answers} == {2}
 
     # Domain-IL over the two speakers: the same encoders and data, so the cache is read, not rebuilt.
     assert main([*args, "--scenario", "domain-il", "--out", str(tmp_path / "d.json")]) == 0

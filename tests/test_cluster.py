@@ -17,10 +17,11 @@ from types import SimpleNamespace
 
 import mlflow
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
-from conftest import free_port, start_mlflow_server, stop_server
+from conftest import free_port, served, start_mlflow_server, start_model_server, stop_server
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,5 +227,16 @@ def test_two_nodes_data_cache_checkpoints_and_artifacts_on_s3_and_a_lost_node(tw
         assert matrix["acc_matrix"] == result["acc_matrix"]
         mlflow.set_tracking_uri(mlflow_server)  # the task's model, uploaded through the server and read back
         assert mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/1").get_raw_model().model.head_size
+
+        # `mmcl serve` over that registry answers raw captions and vectors as the model does in-process.
+        rows = pq.read_table(synthetic_text).to_pandas().query("split == 'test'")
+        model, url = start_model_server("synthetic-text-class-il-cmoe/3", mlflow_server, two_nodes.env)
+        try:
+            answers = served(url, rows, ["a", "caption"])
+        finally:
+            stop_server(model)
+        expected = mlflow.pyfunc.load_model("models:/synthetic-text-class-il-cmoe/3").predict(rows)
+        assert [a["prediction"] for a in answers] == expected["prediction"].tolist()
+        assert {a["model_version"] for a in answers} == {3}
     finally:
         stop_server(server)

@@ -1,12 +1,16 @@
 """Data kept on S3 (a real S3 server, moto, on 127.0.0.1) is checked as a local file is: a problem
-names the object, column and row; a bucket that is not there stops a run before Ray starts. The
-whole sequence on S3 (data, feature cache, checkpoints, MLflow artifacts) runs in test_cluster.py."""
+names the object, column and row; a bucket that is not there stops a run before Ray starts; an
+update starts from a version staged on S3. The whole sequence on S3 (data, feature cache,
+checkpoints, MLflow artifacts) runs in test_cluster.py."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +39,23 @@ def test_data_on_s3_is_checked_like_a_local_file(s3_server, synthetic, tmp_path)
                "tracking.enabled=false", f"output_dir={out}")
     assert run.returncode != 0 and run.stderr.strip().splitlines() == ["mmcl: cache.dir: s3://missing not found"]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_update_on_ray_starts_from_the_version_staged_to_s3(s3_server, synthetic, tmp_path):
+    """On a cluster the nodes share no disk: `mmcl update` copies the registered version's checkpoint
+    to storage_path, where Ray Train's workers start the new task from, and frees it when done."""
+    table = pq.read_table(synthetic)
+    for name, labels in (("first", [0, 1, 2]), ("second", [3, 4, 5])):
+        pq.write_table(table.filter(pc.is_in(table["label"], pa.array(labels, table["label"].type))),
+                       tmp_path / f"{name}.parquet")
+    where = ["storage_path=s3://mmcl/ray", f"output_dir={tmp_path / 'out'}", "train.epochs=1", "model.projection=64"]
+    first = mmcl(s3_server.env, "update", "--new", "--model", "m", "--data", str(tmp_path / "first.parquet"), *where)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = mmcl(s3_server.env, "update", "--model", "m", "--data", str(tmp_path / "second.parquet"), *where)
+    assert second.returncode == 0 and "m version 2 (continued from version 1)" in second.stdout, \
+        second.stdout + second.stderr
+    state = json.loads(next((tmp_path / "out" / "updates").glob("m-from-v1-*/state.json")).read_text())
+    staged = state["tasks"][0]["checkpoint"]
+    assert staged.startswith("s3://mmcl/ray/mmcl-updates/m-from-v1-") and staged.endswith("/parent")
+    assert not s3_server.keys(staged.removeprefix("s3://mmcl/"))  # freed once the version was registered
