@@ -216,7 +216,7 @@ class SequenceRecipe:
             record = self.record(entry, checkpoint, local)
             if on_task_end:
                 on_task_end(record)
-            self.task_header(record.index + 1)
+            self.task_header(record.index + 1, entry.get("ended_at"))
 
         self.to_mlflow(self.log_unlogged_tasks)
         self.task_header(len(self.state.tasks))
@@ -266,13 +266,15 @@ class SequenceRecipe:
                 shutil.rmtree(t.local, ignore_errors=True)
         return record
 
-    def task_header(self, i: int) -> None:
+    def task_header(self, i: int, started_at: float | None = None) -> None:
+        """Task i's header and MLflow run; `started_at`: when the workers began it (they go on while
+        the driver logs the task before)."""
         if i < len(self.scenario.tasks):
             t = self.scenario.tasks[i]
             self.log(f"Task {i + 1}/{len(self.scenario.tasks)}: "
                      + (f"classes {t.classes}" if t.domains is None else f"domains {t.domains}"))
             self.to_mlflow(self.tracker.start_task, self.state.data["mlflow_run_id"], self.cfg, t,
-                           len(self.scenario.tasks), self.prepared.dataset_input())
+                           len(self.scenario.tasks), self.prepared.dataset_input(), started_at)
 
     def to_mlflow(self, call, *args) -> bool:
         """`call(*args)` unless MLflow failed earlier in this call; a failure is told once and kept."""

@@ -177,7 +177,8 @@ class Tracker:
             filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_id}' and tags.`{TASK_TAG}` = '{task_index}'")
         return found[0] if found else None
 
-    def start_task(self, parent_id: str, cfg: RunConfig, task, num_tasks: int, data: dict) -> str:
+    def start_task(self, parent_id: str, cfg: RunConfig, task, num_tasks: int, data: dict,
+                   started_at: float | None = None) -> str:
         """The task's child run, created when the task starts (once: a resumed task reopens it), with
         the task's settings as parameters and the data as a dataset input (on the sequence run too)
         carrying its fingerprint."""
@@ -186,6 +187,7 @@ class Tracker:
             return existing.info.run_id
         run_id = self.client.create_run(
             self.experiment_id, run_name=f"task-{task.index} of {num_tasks}",
+            start_time=int(started_at * 1000) if started_at else None,
             tags={MLFLOW_PARENT_RUN_ID: parent_id, TASK_TAG: str(task.index)}).info.run_id
         params = {**cfg.flat(), "task.index": task.index, "task.classes": ",".join(map(str, task.classes)),
                   "task.domains": ",".join(task.domains or [])}
@@ -366,7 +368,7 @@ class NoTracker:
     def start_sequence(self, cfg, run_name, run_id=None):
         return None
 
-    def start_task(self, parent_id, cfg, task, num_tasks, data) -> None:
+    def start_task(self, parent_id, cfg, task, num_tasks, data, started_at=None) -> None:
         pass
 
     def log_task(self, parent_id, task, num_tasks, checkpoint_dir, lineage) -> dict:

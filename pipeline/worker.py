@@ -383,6 +383,7 @@ def learn_sequence(model: ContinualModel | None, shards, config: dict, new_stepp
         if len(spec["modalities"]) > 1 and i == len(config["tasks"]) - 1:
             entry["modality_acc"] = {m: float(np.mean(evaluate(model, held, config, i, m, device)["test"]))
                                      for m in spec["modalities"]}
+        entry["ended_at"] = time.time()  # the next task starts after it: where its MLflow run starts
         on_task_end(model, entry)
 
 
