@@ -35,7 +35,7 @@ from pipeline.tracking import Tracker, check_tracking_server, data_fingerprint, 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DROPS_TAG, CONFIG_TAG, LABELS_TAG, GATE_TAG = "mmcl.drops", "mmcl.config", "mmcl.label_names", "mmcl.gate"
 GATE_FAILED = 3  # `mmcl update`'s exit status when the gate keeps the champion
-PLACEMENT = ("ray_address", "output_dir", "storage_path", "tracking", "cache", "data", "benchmark")
+PLACEMENT = ("ray_address", "executor", "output_dir", "storage_path", "tracking", "cache", "data", "benchmark")
 FIXED = ("method", "encoders", "encoder_tokens", "model")  # what the chain's first drop set for good
 
 

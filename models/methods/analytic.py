@@ -88,19 +88,17 @@ class RidgeStatistics(nn.Module):
     def features(self, x) -> torch.Tensor:
         return F.relu(x @ self.projection).double()
 
-    def accumulate(self, x, targets, holdout=None, shared: bool = False) -> None:
+    def accumulate(self, x, targets, holdout=None) -> None:
         """This worker's rows, summed over workers at `end_task`; `holdout`: the rows (a mask) that
-        choose the ridge strength, else `held_out(x)`; `shared`: rows every worker holds alike (drawn
-        from stored statistics), counted once. The Gram sums hold their lower triangles until
+        choose the ridge strength, else `held_out(x)`. The Gram sums hold their lower triangles until
         `end_task`."""
         phi = self.features(x)
         y = F.one_hot(targets, self.num_classes).double()
         holdout = held_out(x) if holdout is None else holdout.bool()
-        into = {k: getattr(self, k) for k in SUMS} if shared else self._task  # in place either way
         for mask, suffix in ((~holdout, ""), (holdout, "_val")):
             rows = phi[mask]
-            add_gram(into["gram" + suffix], rows)
-            into["cross" + suffix] += rows.T @ y[mask]
+            add_gram(self._task["gram" + suffix], rows)  # in place
+            self._task["cross" + suffix] += rows.T @ y[mask]
 
     def forget(self) -> None:
         """Drops the statistics of earlier tasks (their inputs have changed)."""

@@ -12,6 +12,7 @@ earlier tasks' Gaussians join each training batch, and after each task the ridge
 earlier tasks are rebuilt from such rows passed through the current adapter.
 """
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -89,13 +90,16 @@ class CMoE(ContinualModel):
     def refit_ridge_inputs(self) -> None:
         """The adapter has moved: the ridge statistics of earlier tasks, gathered under the old
         adapter, are replaced by as many rows drawn from each of their class Gaussians, passed
-        through the current adapter. Drawn alike on every worker and counted once."""
+        through the current adapter. The chunks of draws are dealt out among the workers and summed
+        at `end_task` like real rows; each chunk has its own seed, so what is drawn does not depend
+        on how many workers there are."""
         self.ridge.forget()
-        generator = torch.Generator().manual_seed(int(self.tasks_done))
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         entries = torch.repeat_interleave(torch.arange(len(self.gaussians)), self.gaussians.counts.long().cpu())
-        for chunk in entries.split(REFIT_CHUNK):
+        for k, chunk in list(enumerate(entries.split(REFIT_CHUNK)))[rank::world]:
+            generator = torch.Generator().manual_seed(int(self.tasks_done) * 1_000_003 + k)
             features, present, targets = self.replayed(chunk.to(self.gaussians.counts.device), generator)
-            self.ridge.accumulate(self.ridge_input(features, present), targets, shared=True)
+            self.ridge.accumulate(self.ridge_input(features, present), targets)
 
     def forget_statistics(self) -> None:
         """The head is fitted on this task's rows alone, which hold every earlier one (no drawn rows
