@@ -7,7 +7,12 @@ workers) while the whole process tree is sampled every second. Reported: wall ti
 the tree, peak RSS of the driver and of the largest Ray Train worker and their peak USS (private
 memory: a worker's RSS also counts the object-store pages it has read blocks from), time to the
 first training step, and training rows/s in the second epoch (after warm-up). Tables go to
-results/scale.md.
+results/scale.md (results/scale-png.md with `--media png`).
+
+`--media png`: the raw-media case. Each row is one PNG (scikit-learn's 1,797 real 8x8 digits,
+scaled to 32x32, shifted and noised per row, so no two rows are alike) with its digit as label; the
+run encodes them through the encoder actor pool into a fresh feature cache before training, and
+the encoding's time is reported.
 """
 import argparse
 import json
@@ -52,6 +57,44 @@ def write_table(folder: Path, rows: int, seed: int = 0) -> None:
                 x = means[m][labels] * 0.3 + rng.normal(size=(n, w)).astype(np.float32)
                 cols[m] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), w)
             table = pa.table(cols)
+            writer = writer or pq.ParquetWriter(folder / f"part-{f}.parquet", table.schema)
+            writer.write_table(table)
+        writer.close()
+    (folder / "_done").write_text("")
+
+
+def write_png_table(folder: Path, rows: int, seed: int = 0) -> None:
+    """The raw-media folder: real digit images as PNG, written chunk by chunk."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if (folder / "_done").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    images = np.kron(digits.images / 16.0, np.ones((4, 4)))  # 32x32
+    rng = np.random.default_rng(seed)
+    per_file = -(-rows // FILES)
+    for f in range(FILES):
+        lo, hi = f * per_file, min(rows, (f + 1) * per_file)
+        writer = None
+        for start in range(lo, hi, CHUNK):
+            n = min(CHUNK, hi - start)
+            pick = rng.integers(0, len(images), n)
+            pngs = []
+            for i, shift in zip(pick, rng.integers(-3, 4, (n, 2))):
+                x = np.roll(images[i], tuple(shift), (0, 1)) + rng.normal(0, 0.1, (32, 32))
+                buf = io.BytesIO()
+                Image.fromarray((x.clip(0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+                pngs.append(buf.getvalue())
+            labels = digits.target[pick]
+            table = pa.table({"sample_id": pa.array([f"s{i}" for i in range(start, start + n)]),
+                              "label": pa.array(labels), "label_name": pa.array([str(c) for c in labels]),
+                              "domain": pa.array(["d0"] * n),
+                              "split": pa.array(np.where(rng.random(n) < 0.8, "train", "test")),
+                              "image": pa.array(pngs, pa.binary())})
             writer = writer or pq.ParquetWriter(folder / f"part-{f}.parquet", table.schema)
             writer.write_table(table)
         writer.close()
@@ -104,6 +147,7 @@ def measure(folder: Path, out: Path, rows: int, args: list[str]) -> dict:
         raise RuntimeError("\n".join(text for _, text in lines[-20:]))
     epoch = re.compile(r"task (\d+)/\d+ epoch (\d+)/\d+ .* (\d+)s$")
     seconds = {(int(m[1]), int(m[2])): (t, float(m[3])) for t, text in lines if (m := epoch.search(text))}
+    encoded = [float(m[1]) for _, text in lines if (m := re.search(r"Features: \d+ rows encoded in (\d+)s", text))]
     first_step = seconds[(1, 1)][0] - seconds[(1, 1)][1]
     train_rows = 0.8 * rows / 2  # each task: half the classes' train rows
     second = seconds[(1, 2)][1] - seconds[(1, 1)][1]
@@ -112,36 +156,41 @@ def measure(folder: Path, out: Path, rows: int, args: list[str]) -> dict:
             "wall_s": round(wall), "tree_pss_gib": round(sampler.peak["tree_pss"] / gib, 2),
             **{f"{k}_gib": round(sampler.peak[k] / gib, 2) for k in ("driver_rss", "worker_rss", "driver_uss",
                                                                      "worker_uss")},
-            "first_step_s": round(first_step),
+            "first_step_s": round(first_step), **({"encode_s": encoded[0]} if encoded else {}),
             "rows_per_s": round(train_rows / max(second, 1))}
 
 
 def table(results: list[dict]) -> str:
-    head = ("| rows | Parquet GiB | wall s | peak PSS, all processes GiB | driver peak RSS / USS GiB | "
-            "largest worker peak RSS / USS GiB | first step s | epoch-2 rows/s |")
-    body = [f"| {r['rows']:,} | {r['parquet_gib']} | {r['wall_s']} | {r['tree_pss_gib']} | {r['driver_rss_gib']} / "
-            f"{r['driver_uss_gib']} | {r['worker_rss_gib']} / {r['worker_uss_gib']} | {r['first_step_s']} | "
-            f"{r['rows_per_s']:,} |" for r in results]
-    return "\n".join([head, "|---|---|---|---|---|---|---|---|", *body])
+    encoded = any("encode_s" in r for r in results)
+    head = ("| rows | Parquet GiB | wall s | " + ("encoding s | " if encoded else "") + "peak PSS, all processes GiB | "
+            "driver peak RSS / USS GiB | largest worker peak RSS / USS GiB | first step s | epoch-2 rows/s |")
+    body = [f"| {r['rows']:,} | {r['parquet_gib']} | {r['wall_s']} | " + (f"{r.get('encode_s', '-')} | " if encoded
+                                                                          else "")
+            + f"{r['tree_pss_gib']} | {r['driver_rss_gib']} / {r['driver_uss_gib']} | {r['worker_rss_gib']} / "
+            f"{r['worker_uss_gib']} | {r['first_step_s']} | {r['rows_per_s']:,} |" for r in results]
+    return "\n".join([head, "|---" * (9 if encoded else 8) + "|", *body])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 100_000, 300_000])
     parser.add_argument("--out", default=str(ROOT / "runs" / "scale"))
+    parser.add_argument("--media", choices=["png"], help="raw images through the encoder pool (see above)")
     parser.add_argument("overrides", nargs="*", help="extra `mmcl run` overrides, e.g. train.hold_mb=0")
     args = parser.parse_args()
     out, results = Path(args.out), []
     for rows in args.rows:
-        folder = out / f"data-{rows}"
-        write_table(folder, rows)
-        results.append(measure(folder, out / "runs", rows, args.overrides))
+        folder = out / (f"png-{rows}" if args.media else f"data-{rows}")
+        (write_png_table if args.media else write_table)(folder, rows)
+        cache = [f"cache.dir={out / 'cache' / f'{rows}-{int(time.time())}'}"] if args.media else []  # encoded anew
+        results.append(measure(folder, out / "runs", rows, [*cache, *args.overrides]))
         print(json.dumps(results[-1]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
-    text = (f"`python benchmarks/scale.py --rows {' '.join(map(str, args.rows))} {' '.join(args.overrides)}`"
+    media = f" --media {args.media}" if args.media else ""
+    text = (f"`python benchmarks/scale.py --rows {' '.join(map(str, args.rows))}{media} {' '.join(args.overrides)}`"
             f" on {machine}\n\n{table(results)}\n")
     (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "scale.md").write_text(text)
+    (ROOT / "results" / f"scale{'-' + args.media if args.media else ''}.md").write_text(text)
     print(text)
 
 

@@ -13,7 +13,7 @@ from mlflow.pyfunc import scoring_server
 
 from pipeline.config import ConfigError
 from pipeline.pyfunc import load_task_model
-from pipeline.tracking import TRACKING_ERRORS, open_client
+from pipeline.tracking import open_client
 from pipeline.update import parse_ref
 
 
@@ -62,19 +62,21 @@ class FollowedModel:
 
     def follow(self, poll_s: float, stop: threading.Event) -> None:
         """Until `stop`: loads the version the alias names whenever it changes. A registry that
-        cannot be read leaves the version serving as it is (said once until it answers again)."""
-        failing = False
+        cannot be read, or a version that cannot be loaded, leaves the version serving as it is
+        (said once, until the next change works)."""
+        failing = None
         while not stop.wait(poll_s):
             try:
                 version = self.aliased()
                 if version != self.version:
                     self.load(version)
-                failing = False
-            except TRACKING_ERRORS as e:
-                if not failing:
-                    self.log(f"mmcl serve: cannot read {self.name}@{self.alias} ({str(e).splitlines()[0]}); "
-                             f"still serving version {self.version}", flush=True)
-                failing = True
+                failing = None
+            except Exception as e:  # noqa: BLE001 (whatever it is, the server goes on with what it has)
+                line = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if line != failing:
+                    self.log(f"mmcl serve: cannot follow {self.name}@{self.alias} ({line}); still serving "
+                             f"version {self.version}", flush=True)
+                failing = line
 
 
 def serve(uri: str, ref: str, host: str = "127.0.0.1", port: int = 5001, poll_s: float = 5.0, log=print) -> None:
