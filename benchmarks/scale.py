@@ -35,70 +35,66 @@ WIDTHS = {"a": 1280, "b": 512}
 CLASSES, FILES, CHUNK = 10, 8, 8192
 
 
-def write_table(folder: Path, rows: int, seed: int = 0) -> None:
-    """The synthetic folder, written chunk by chunk (never whole in memory)."""
+def write_folder(folder: Path, rows: int, chunk) -> None:
+    """FILES Parquet files of `rows` rows, written chunk by chunk (never whole in memory);
+    `chunk(n)`: the label, split and modality columns of n rows."""
     if (folder / "_done").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    means = {m: rng.normal(size=(CLASSES, w)).astype(np.float32) for m, w in WIDTHS.items()}
     per_file = -(-rows // FILES)
     for f in range(FILES):
         lo, hi = f * per_file, min(rows, (f + 1) * per_file)
         writer = None
         for start in range(lo, hi, CHUNK):
             n = min(CHUNK, hi - start)
-            ids = np.arange(start, start + n)
-            labels = rng.integers(0, CLASSES, n)
-            cols = {"sample_id": pa.array([f"s{i}" for i in ids]), "label": pa.array(labels),
-                    "label_name": pa.array([f"class{c}" for c in labels]), "domain": pa.array(["d0"] * n),
-                    "split": pa.array(np.where(rng.random(n) < 0.8, "train", "test"))}
-            for m, w in WIDTHS.items():
-                x = means[m][labels] * 0.3 + rng.normal(size=(n, w)).astype(np.float32)
-                cols[m] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), w)
-            table = pa.table(cols)
+            cols = chunk(n)
+            table = pa.table({"sample_id": pa.array([f"s{i}" for i in range(start, start + n)]), **cols,
+                              "label_name": pa.array([f"class{c}" for c in cols["label"].to_pylist()]),
+                              "domain": pa.array(["d0"] * n)})
             writer = writer or pq.ParquetWriter(folder / f"part-{f}.parquet", table.schema)
             writer.write_table(table)
         writer.close()
     (folder / "_done").write_text("")
 
 
+def write_table(folder: Path, rows: int, seed: int = 0) -> None:
+    """The synthetic folder in the shape of a feature cache."""
+    rng = np.random.default_rng(seed)
+    means = {m: rng.normal(size=(CLASSES, w)).astype(np.float32) for m, w in WIDTHS.items()}
+
+    def chunk(n: int) -> dict:
+        labels = rng.integers(0, CLASSES, n)
+        cols = {"label": pa.array(labels), "split": pa.array(np.where(rng.random(n) < 0.8, "train", "test"))}
+        for m, w in WIDTHS.items():
+            x = means[m][labels] * 0.3 + rng.normal(size=(n, w)).astype(np.float32)
+            cols[m] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), w)
+        return cols
+
+    write_folder(folder, rows, chunk)
+
+
 def write_png_table(folder: Path, rows: int, seed: int = 0) -> None:
-    """The raw-media folder: real digit images as PNG, written chunk by chunk."""
+    """The raw-media folder: real digit images as PNG."""
     import io
 
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    if (folder / "_done").exists():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     images = np.kron(digits.images / 16.0, np.ones((4, 4)))  # 32x32
     rng = np.random.default_rng(seed)
-    per_file = -(-rows // FILES)
-    for f in range(FILES):
-        lo, hi = f * per_file, min(rows, (f + 1) * per_file)
-        writer = None
-        for start in range(lo, hi, CHUNK):
-            n = min(CHUNK, hi - start)
-            pick = rng.integers(0, len(images), n)
-            pngs = []
-            for i, shift in zip(pick, rng.integers(-3, 4, (n, 2))):
-                x = np.roll(images[i], tuple(shift), (0, 1)) + rng.normal(0, 0.1, (32, 32))
-                buf = io.BytesIO()
-                Image.fromarray((x.clip(0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
-                pngs.append(buf.getvalue())
-            labels = digits.target[pick]
-            table = pa.table({"sample_id": pa.array([f"s{i}" for i in range(start, start + n)]),
-                              "label": pa.array(labels), "label_name": pa.array([str(c) for c in labels]),
-                              "domain": pa.array(["d0"] * n),
-                              "split": pa.array(np.where(rng.random(n) < 0.8, "train", "test")),
-                              "image": pa.array(pngs, pa.binary())})
-            writer = writer or pq.ParquetWriter(folder / f"part-{f}.parquet", table.schema)
-            writer.write_table(table)
-        writer.close()
-    (folder / "_done").write_text("")
+
+    def chunk(n: int) -> dict:
+        pick, pngs = rng.integers(0, len(images), n), []
+        for i, shift in zip(pick, rng.integers(-3, 4, (n, 2))):
+            x = np.roll(images[i], tuple(shift), (0, 1)) + rng.normal(0, 0.1, (32, 32))
+            buf = io.BytesIO()
+            Image.fromarray((x.clip(0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        return {"label": pa.array(digits.target[pick]),
+                "split": pa.array(np.where(rng.random(n) < 0.8, "train", "test")), "image": pa.array(pngs, pa.binary())}
+
+    write_folder(folder, rows, chunk)
 
 
 class TreeSampler(threading.Thread):
