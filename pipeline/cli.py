@@ -91,8 +91,7 @@ def _update(args) -> int:
 
 
 def _rollback(args) -> int:
-    from pipeline.tracking import TRACKING_ERRORS, open_client
-    from pipeline.update import CHAMPION
+    from pipeline.tracking import CHAMPION, TRACKING_ERRORS, open_client
 
     try:
         uri = _existing_store(args.tracking_uri)

@@ -13,8 +13,7 @@ from mlflow.pyfunc import scoring_server
 
 from pipeline.config import ConfigError
 from pipeline.pyfunc import load_task_model
-from pipeline.tracking import open_client
-from pipeline.update import parse_ref
+from pipeline.tracking import open_client, parse_ref
 
 
 class FollowedModel:

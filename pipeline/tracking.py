@@ -1,6 +1,7 @@
 """MLflow: a parent run per sequence, a child run and a registered model version per task."""
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pipeline.pyfunc import load_task_model, log_task_model
 from pipeline.state import TaskRecord
 
 TASK_TAG = "mmcl.task_index"
+CHAMPION, CHALLENGER = "champion", "challenger"  # the registry aliases `mmcl update` moves
 TRACKING_ERRORS = (mlflow.exceptions.MlflowException, requests.RequestException, OSError)
 TRANSIENT = ("database is locked", "database table is locked")  # SQLite under concurrent writers
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view
@@ -389,6 +391,19 @@ def predict(uri: str, model_uri: str, frame: pd.DataFrame) -> pd.DataFrame:
 def model_versions(uri: str, name: str) -> list:
     """A registered model's versions, oldest first."""
     return sorted(MlflowClient(uri).search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """NAME, NAME@ALIAS or NAME/VERSION (a models:/ URI too) -> (name, alias, version); NAME means
+    NAME@champion."""
+    ref = ref.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias, None
+    if re.fullmatch(r".+/\d+", ref):
+        name, version = ref.rsplit("/", 1)
+        return name, None, version
+    return ref, CHAMPION, None
 
 
 def model_aliases(uri: str, name: str) -> dict[str, str]:

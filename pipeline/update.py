@@ -30,9 +30,9 @@ from pipeline.runtime import quiet_logs
 from pipeline.scenario import Scenario, Task
 from pipeline.state import SequenceState, TaskRecord
 from pipeline.streams import DROP
-from pipeline.tracking import Tracker, check_tracking_server, data_fingerprint, open_client, tracking_uri
+from pipeline.tracking import (CHALLENGER, CHAMPION, Tracker, check_tracking_server, data_fingerprint,
+                               open_client, parse_ref, tracking_uri)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 DROPS_TAG, CONFIG_TAG, LABELS_TAG, GATE_TAG = "mmcl.drops", "mmcl.config", "mmcl.label_names", "mmcl.gate"
 GATE_FAILED = 3  # `mmcl update`'s exit status when the gate keeps the champion
 PLACEMENT = ("ray_address", "executor", "output_dir", "storage_path", "tracking", "cache", "data", "benchmark")
@@ -55,19 +55,6 @@ class Chain:
     @property
     def class_order(self) -> list:
         return list(dict.fromkeys(c for d in self.drops for c in d["classes"]))
-
-
-def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """NAME, NAME@ALIAS or NAME/VERSION (a models:/ URI too) -> (name, alias, version); NAME means
-    NAME@champion."""
-    ref = ref.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, alias, None
-    if re.fullmatch(r".+/\d+", ref):
-        name, version = ref.rsplit("/", 1)
-        return name, None, version
-    return ref, CHAMPION, None
 
 
 def read_chain(client, ref: str, uri: str) -> Chain:

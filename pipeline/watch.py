@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data import DataError
-from pipeline.tracking import data_fingerprint, open_client, tracking_uri
-from pipeline.update import DROPS_TAG, ChainBroken, parse_ref, update_model
+from pipeline.tracking import data_fingerprint, open_client, parse_ref, tracking_uri
+from pipeline.update import DROPS_TAG, ChainBroken, update_model
 
 REJECTED = "rejected"
 
@@ -71,7 +71,8 @@ def watch(ref: str, folder: str, user: RunConfig, config_path: str | None = None
                 sizes[path] = key[1:]  # taken at the next look if it stays the same
                 continue
             try:
-                fingerprints.setdefault(key, data_fingerprint(path))
+                if key not in fingerprints:  # read once per version of the file, not at every look
+                    fingerprints[key] = data_fingerprint(path)
             except OSError as e:
                 log(f"{path.name}: unreadable, moved to {reject(path, root, str(e))}", flush=True)
                 rejected += 1
