@@ -46,6 +46,7 @@ class TrainConfig:
     val_fraction: float = 0.0  # of each class's train rows held out for validation when no 'val' rows exist
     hold_mb: float = 1024  # when the train, val and test rows take at most this many MiB every worker reads
     # them once and holds them, else each streams its share of each task from the source on every pass (0: always)
+    read_tasks: int = 2  # Ray Data tasks a stream reads with at once (each a process holding a row group or two)
 
 
 @dataclass
@@ -253,7 +254,7 @@ RANGES = {
     "train.weight_decay": (0, None, True), "train.num_workers": (0, None, True),
     "train.cpus_per_worker": (0, None, True), "train.bucket_size": (1, None, True),
     "train.max_failures": (-1, None, True), "train.val_fraction": (0, 1, True),
-    "train.hold_mb": (0, None, True),
+    "train.hold_mb": (0, None, True), "train.read_tasks": (1, None, True),
     "model.dim": (1, None, True), "model.blocks": (1, None, True), "model.heads": (1, None, True),
     "model.num_experts": (1, None, True), "model.bottleneck": (1, None, True), "model.dropout": (0, 1, True),
     "model.freeze_per_task": (0, None, True), "model.experts_per_task": (0, None, True),

@@ -105,8 +105,8 @@ class Stream:
     by the local executor (which then starts no Ray at all), and by a Train worker on a node that can
     read the files."""
 
-    def __init__(self, parts: list[dict], select: dict, placement: dict):
-        self.parts, self.select, self.placement = parts, select, placement
+    def __init__(self, parts: list[dict], select: dict, placement: dict, read_tasks: int = 2):
+        self.parts, self.select, self.placement, self.read_tasks = parts, select, placement, read_tasks
         self._dataset = None
 
     @property
@@ -115,9 +115,12 @@ class Stream:
             import ray.data
 
             # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for
-            # one would wait for ever. Reading and filtering Parquet is light beside a training step.
+            # one would wait for ever. Reading and filtering Parquet is light beside a training step. With
+            # no CPU to bound them, the read tasks are bounded by count: unbounded, Ray Data ran one (and
+            # started one worker process, ~0.3 GiB) per row group in flight, 70 at 1M rows (BENCHMARKS.md).
             self._dataset = ray.data.from_items(self.parts, override_num_blocks=len(self.parts)).map_batches(
-                read_parts, fn_kwargs=self.select, batch_size=1, batch_format="numpy", num_cpus=0, **self.placement)
+                read_parts, fn_kwargs=self.select, batch_size=1, batch_format="numpy", num_cpus=0,
+                compute=ray.data.TaskPoolStrategy(size=self.read_tasks), **self.placement)
             self._dataset.context.execution_options.preserve_order = True  # one worker reads the source's order
         return self._dataset
 
@@ -158,7 +161,7 @@ def sequence_streams(plan: dict) -> dict[str, Stream]:
     def stream(parts, splits, column=None, values=()):
         select = {"columns": columns, "types": types, "splits": splits, "column": column, "values": list(values),
                   "val_ids": val_ids}
-        return Stream(parts, select, placement)
+        return Stream(parts, select, placement, plan["train"]["read_tasks"])
 
     def train(task):
         column, values = task["train"]
@@ -187,7 +190,7 @@ class StreamSplits(DataConfig):
     def __init__(self, held_rows: Stream | None = None):
         super().__init__()
         self.held_rows = None if held_rows is None else Stream(  # a copy without its dataset
-            held_rows.parts, held_rows.select, held_rows.placement)
+            held_rows.parts, held_rows.select, held_rows.placement, held_rows.read_tasks)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]

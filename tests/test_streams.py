@@ -3,6 +3,7 @@ and row within a folder, each stream holds exactly the rows the plan gives it, a
 share a task's epoch."""
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,7 @@ import pytest
 from ray.data import DataIterator
 
 from pipeline.data import DataError, load_data, parquet_parts
-from pipeline.streams import EVAL, ROWS, Stream, StreamSplits, may_hold, sequence_streams, train_stream
+from pipeline.streams import EVAL, ROWS, Stream, StreamSplits, may_hold, read_parts, sequence_streams, train_stream
 from test_data import good_columns, table
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,8 @@ def test_each_stream_holds_the_rows_the_plan_gives_it_reading_only_row_groups_th
     val_ids = [str(i) for i in ids[split == "train"][::5]]
     plan = {"data": {"path": str(tmp_path / "by-class.parquet"), "val_ids": val_ids, "eval_splits": ["val", "test"]},
             "tasks": [{"index": 0, "train": ("label", [0, 1])}, {"index": 1, "train": ("label", [2, 3, 4])}],
-            "first_task": 1, "seed": 0, "spec": {"modalities": {"a": 0, "b": 0}}, "train": {"hold_mb": 0}}
+            "first_task": 1, "seed": 0, "spec": {"modalities": {"a": 0, "b": 0}},
+            "train": {"hold_mb": 0, "read_tasks": 2}}
     parts = parquet_parts(plan["data"]["path"])
     assert [p["row_group"] for p in may_hold(parts, {"split": ["train"], "label": [4, 2, 3]})] == [2, 3, 4]
     assert may_hold(parts, {"label": [7]}) == parts[:1]
@@ -70,6 +72,33 @@ def test_each_stream_holds_the_rows_the_plan_gives_it_reading_only_row_groups_th
     assert evaluated.num_rows == held_out.sum() + (split == "test").sum()
     assert evaluated["split"].to_pylist().count("val") == len(val_ids)
     assert pa.concat_tables(streams[EVAL].iter_batches()).equals(evaluated)  # a whole pass read straight
+
+
+def test_a_stream_runs_at_most_read_tasks_reads_at_once(synthetic, ray_local, tmp_path):
+    """Its reads reserve no CPU, so nothing else bounds them: unbounded, Ray Data ran all 36 at once
+    here, a new worker process each."""
+    from ray.util.state import list_tasks
+
+    pq.write_table(pq.read_table(synthetic), tmp_path / "small-groups.parquet", row_group_size=5)
+    plan = {"data": {"path": str(tmp_path / "small-groups.parquet"), "val_ids": [], "eval_splits": ["test"]},
+            "tasks": [{"index": 0, "train": ("label", list(range(6)))}], "first_task": 0, "seed": 0,
+            "spec": {"modalities": {"a": 0}}, "train": {"hold_mb": 0, "read_tasks": 2}}
+    name = f"MapBatches({read_parts.__name__})"
+
+    def reads():  # (start, end) of every ended read task that started after `since` (ms)
+        tasks = list_tasks(filters=[("name", "=", name)], detail=True, limit=10_000)
+        return [(t.start_time_ms, t.end_time_ms) for t in tasks if t.end_time_ms and (t.start_time_ms or 0) >= since]
+
+    stream, since = sequence_streams(plan)[train_stream(0)], time.time() * 1000
+    parts = len(stream.parts)  # 36 of the 48 row groups hold train rows
+    assert sum(b.num_rows for b in stream.dataset.iter_batches(batch_size=None, batch_format="pyarrow")) == 180
+    for _ in range(100):  # task events reach the state API a moment after the tasks end
+        runs = reads()
+        if len(runs) >= parts:
+            break
+        time.sleep(0.2)
+    assert len(runs) == parts
+    assert max(sum(s <= start < e for s, e in runs) for start, _ in runs) == 2  # running at each start
 
 
 def two_workers(plan: dict, name: str, epoch_seed, nodes=None):
@@ -100,7 +129,7 @@ def test_two_workers_share_an_epoch_of_a_task_and_a_held_one_mixes_every_class(s
     plan = {"data": {"path": str(synthetic), "val_ids": [], "eval_splits": ["test"], "train_rows": 180,
                      "eval_rows": 60, "row_bytes": 60},
             "tasks": [{"index": 0, "train": ("label", [0, 1, 2])}], "first_task": 0,
-            "seed": 0, "train": {"hold_mb": hold_mb}, "spec": {"modalities": {"a": 8, "b": 5}},
+            "seed": 0, "train": {"hold_mb": hold_mb, "read_tasks": 2}, "spec": {"modalities": {"a": 8, "b": 5}},
             "class_index": list(range(6))}
     (labels_0, a_0), (labels_1, a_1) = two_workers(plan, train_stream(0), [0, 0, 1])
     assert len(labels_0) == len(labels_1) == mine.sum() // 2  # equal steps; 90 rows: none left out
