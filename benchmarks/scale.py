@@ -6,8 +6,9 @@ and 512 floats, 80% train, a Parquet folder of 8 files) is written under --out, 
 workers) while the whole process tree is sampled every second. Reported: wall time, peak PSS of
 the tree, peak RSS of the driver and of the largest Ray Train worker and their peak USS (private
 memory: a worker's RSS also counts the object-store pages it has read blocks from), time to the
-first training step, and training rows/s in the second epoch (after warm-up). Tables go to
-results/scale.md (results/scale-png.md with `--media png`).
+first training step, object-store spill (from the raylet's state dumps), and training rows/s in
+the second epoch (after warm-up). Tables go to results/scale.md (results/scale-png.md with
+`--media png`).
 
 `--media png`: the raw-media case. Each row is one PNG (scikit-learn's 1,797 real 8x8 digits,
 scaled to 32x32, shifted and noised per row, so no two rows are alike) with its digit as label; the
@@ -126,6 +127,18 @@ class TreeSampler(threading.Thread):
             self.peak["tree_pss"] = max(self.peak["tree_pss"], pss)
 
 
+def spilled(driver_pid: int) -> dict:
+    """Object-store spill of the local Ray the run's driver started, from its raylet's state dumps
+    (every few seconds in RAY_TMPDIR, default /tmp/ray): spill requests, and the most bytes spilled
+    at once."""
+    tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"))
+    logs = sorted(tmp.glob(f"session_*_{driver_pid}/logs/raylet.out"))
+    text = logs[-1].read_text(errors="replace") if logs else ""
+    requests = [int(n) for n in re.findall(r"cumulative spill requests: (\d+)", text)]
+    held = [int(n) for n in re.findall(r"num bytes currently spilled: (\d+)", text)]
+    return {"spill_requests": max(requests, default=None), "spilled_gib": round(max(held, default=0) / 2**30, 2)}
+
+
 def measure(folder: Path, out: Path, rows: int, args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--data", str(folder), "--tasks", "2", "--force",
            "train.epochs=2", "tracking.enabled=false", f"output_dir={out}", *args]
@@ -152,19 +165,21 @@ def measure(folder: Path, out: Path, rows: int, args: list[str]) -> dict:
             "wall_s": round(wall), "tree_pss_gib": round(sampler.peak["tree_pss"] / gib, 2),
             **{f"{k}_gib": round(sampler.peak[k] / gib, 2) for k in ("driver_rss", "worker_rss", "driver_uss",
                                                                      "worker_uss")},
-            "first_step_s": round(first_step), **({"encode_s": encoded[0]} if encoded else {}),
+            "first_step_s": round(first_step), **({"encode_s": encoded[0]} if encoded else {}), **spilled(proc.pid),
             "rows_per_s": round(train_rows / max(second, 1))}
 
 
 def table(results: list[dict]) -> str:
     encoded = any("encode_s" in r for r in results)
     head = ("| rows | Parquet GiB | wall s | " + ("encoding s | " if encoded else "") + "peak PSS, all processes GiB | "
-            "driver peak RSS / USS GiB | largest worker peak RSS / USS GiB | first step s | epoch-2 rows/s |")
+            "driver peak RSS / USS GiB | largest worker peak RSS / USS GiB | object-store spill requests / peak GiB | "
+            "first step s | epoch-2 rows/s |")
     body = [f"| {r['rows']:,} | {r['parquet_gib']} | {r['wall_s']} | " + (f"{r.get('encode_s', '-')} | " if encoded
                                                                           else "")
             + f"{r['tree_pss_gib']} | {r['driver_rss_gib']} / {r['driver_uss_gib']} | {r['worker_rss_gib']} / "
-            f"{r['worker_uss_gib']} | {r['first_step_s']} | {r['rows_per_s']:,} |" for r in results]
-    return "\n".join([head, "|---" * (9 if encoded else 8) + "|", *body])
+            f"{r['worker_uss_gib']} | {r['spill_requests']} / {r['spilled_gib']} | {r['first_step_s']} | "
+            f"{r['rows_per_s']:,} |" for r in results]
+    return "\n".join([head, "|---" * (10 if encoded else 9) + "|", *body])
 
 
 def main() -> None:
@@ -183,7 +198,8 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
     media = f" --media {args.media}" if args.media else ""
-    text = (f"`python benchmarks/scale.py --rows {' '.join(map(str, args.rows))}{media} {' '.join(args.overrides)}`"
+    overrides = f" -- {' '.join(args.overrides)}" if args.overrides else ""
+    text = (f"`python benchmarks/scale.py --rows {' '.join(map(str, args.rows))}{media} --out {args.out}{overrides}`"
             f" on {machine}\n\n{table(results)}\n")
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / f"scale{'-' + args.media if args.media else ''}.md").write_text(text)
