@@ -117,7 +117,7 @@ class Stream:
             # No CPU reserved: by default the Train workers hold every CPU, and a read that waited for
             # one would wait for ever. Reading and filtering Parquet is light beside a training step. With
             # no CPU to bound them, the read tasks are bounded by count: unbounded, Ray Data ran one (and
-            # started one worker process, ~0.3 GiB) per row group in flight, 70 at 1M rows (BENCHMARKS.md).
+            # started one worker process, ~0.2 GiB) per row group in flight, 71 at 1M rows (BENCHMARKS.md).
             self._dataset = ray.data.from_items(self.parts, override_num_blocks=len(self.parts)).map_batches(
                 read_parts, fn_kwargs=self.select, batch_size=1, batch_format="numpy", num_cpus=0,
                 compute=ray.data.TaskPoolStrategy(size=self.read_tasks), **self.placement)
