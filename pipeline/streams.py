@@ -105,7 +105,7 @@ class Stream:
     by the local executor (which then starts no Ray at all), and by a Train worker on a node that can
     read the files."""
 
-    def __init__(self, parts: list[dict], select: dict, placement: dict, read_tasks: int = 2):
+    def __init__(self, parts: list[dict], select: dict, placement: dict, read_tasks: int):
         self.parts, self.select, self.placement, self.read_tasks = parts, select, placement, read_tasks
         self._dataset = None
 
